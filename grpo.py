@@ -71,6 +71,7 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     max_steps: int = 100
     gradient_checkpointing: bool = False
+    bf16: bool = False  # on CUDA: float32 master weights, bfloat16 matmuls (autocast), a bfloat16 pi_ref
     use_fused_loss: bool = True  # the Triton kernel in kernels.py, when the logits are on a CUDA device
     seed: int = 0
 
@@ -487,6 +488,13 @@ def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) ->
 _announced = set()
 
 
+def autocast(model, cfg: GRPOConfig):
+    """bfloat16 matmuls on CUDA when cfg.bf16. The weights stay float32: a bf16 weight cannot take an update
+    below 2^-8 of itself, and Mini-R1's learning rate of 5e-7 is far below that."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+
 def use_fused_loss(logits: torch.Tensor, cfg: GRPOConfig) -> bool:
     """The Triton kernel when asked for and the logits are on a CUDA device, else the PyTorch reference.
     Says once which one it uses."""
@@ -509,6 +517,8 @@ def setup(model, cfg: GRPOConfig):
     optimiser steps: num_iterations of them per GRPO step."""
     torch.manual_seed(cfg.seed)
     ref_model = None if cfg.beta == 0 else copy.deepcopy(model).eval().requires_grad_(False)
+    if ref_model is not None and cfg.bf16:
+        ref_model.to(torch.bfloat16)  # pi_ref is only ever read: half the memory
     if cfg.gradient_checkpointing:  # recompute activations in backward: memory O(layers) -> O(sqrt)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -547,7 +557,8 @@ def grpo_step(
     step_start = time.perf_counter()
 
     # 1. Group sampling from pi_old.
-    batch = sample_groups(model, tokenizer, prompts, cfg)
+    with autocast(model, cfg):
+        batch = sample_groups(model, tokenizer, prompts, cfg)
     gen_time = time.perf_counter() - step_start
     mask = batch["completion_mask"]  # (B, T)
     B = mask.shape[0]
@@ -565,19 +576,21 @@ def grpo_step(
     # when the batch is reused, num_iterations > 1) and pi_ref (only when there is a KL term).
     train_start = time.perf_counter()
     mb = cfg.micro_batch_size
-    batch["old_per_token_logps"] = (
-        per_token_logps(model, batch, cfg.temperature, mb) if cfg.num_iterations > 1 else None
-    )  # (B, T)
-    batch["ref_per_token_logps"] = (
-        per_token_logps(ref_model, batch, cfg.temperature, mb) if cfg.beta != 0 else None
-    )  # (B, T)
+    with autocast(model, cfg):
+        batch["old_per_token_logps"] = (
+            per_token_logps(model, batch, cfg.temperature, mb) if cfg.num_iterations > 1 else None
+        )  # (B, T)
+        batch["ref_per_token_logps"] = (
+            per_token_logps(ref_model, batch, cfg.temperature, mb) if cfg.beta != 0 else None
+        )  # (B, T)
 
     # 5, 6. mu passes; each pass accumulates the gradient of the whole batch over micro-batches, then steps.
     model.train()
     sums: dict[str, float] = {"loss": 0.0}
     for _ in range(cfg.num_iterations):
         for rows in torch.randperm(B, device=device).split(mb):  # random micro-batches each pass
-            loss, metrics = micro_batch_loss(model, batch, rows, cfg)
+            with autocast(model, cfg):
+                loss, metrics = micro_batch_loss(model, batch, rows, cfg)
             scale = micro_batch_scale(cfg.loss_type, mask[rows], mask)
             if not torch.isfinite(loss):
                 raise FloatingPointError(

@@ -606,3 +606,209 @@ def test_kernels_compile_for_h100(has_old, has_ref):
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("bytes of sm_90 cubin") == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_countdown.py: data, rewards against hostile input, CLI errors, resume, the mini-r1 code path.
+# ----------------------------------------------------------------------------------------------------
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train_countdown as tc  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_generated_problems_are_solvable_and_deterministic():
+    a = tc.generate_dataset(40, seed=7, num_numbers=(3, 4), max_number=100)
+    b = tc.generate_dataset(40, seed=7, num_numbers=(3, 4), max_number=100)
+    assert a["nums"] == b["nums"] and a["target"] == b["target"]
+    assert a["nums"] != tc.generate_dataset(40, seed=8)["nums"]
+    for nums, target in zip(a["nums"], a["target"]):
+        assert len(nums) in (3, 4) and all(1 <= n <= 100 for n in nums)
+        expression = tc.solve(nums, target)  # an independent search finds an equation ...
+        result = tc.safe_eval(expression)  # ... which really uses the numbers and hits the target
+        assert sorted(result[1]) == sorted(nums) and result[0] == target
+
+
+def test_solver_finds_known_answers_and_rejects_impossible():
+    assert tc.solve([1, 1], 7) is None
+    assert tc.safe_eval(tc.solve([19, 36, 55, 7], 65))[0] == 65
+
+
+def test_equation_reward_hand_examples():
+    nums, target = [19, 36, 55, 7], 65
+    cases = {
+        "ok</think>\n<answer>55 + 36 - 7 - 19</answer>": 1.0,
+        "x</think>\n<answer> (55 + 36) - (7 + 19) </answer>": 1.0,
+        "x</think>\n<answer>55 + 36 - 7 - 18</answer>": 0.0,  # wrong number
+        "x</think>\n<answer>55 + 36 - 7</answer>": 0.0,  # 19 missing
+        "x</think>\n<answer>55 + 36 - 7 - 19 + 19 - 19</answer>": 0.0,  # 19 used three times
+        "x</think>\n<answer>55 + 36 - 7 - 19 = 65</answer>": 0.0,  # not an expression
+        "x</think>\n<answer></answer>": 0.0,
+        "no answer at all": 0.0,
+    }
+    for completion, expected in cases.items():
+        assert tc.equation_reward([completion], target=[target], nums=[nums]) == [expected], completion
+
+
+def test_equation_reward_division_is_exact_and_by_zero_is_wrong():
+    assert tc.equation_reward(["</think>\n<answer>7 / 2 * 4</answer>"], target=[14], nums=[[7, 2, 4]]) == [1.0]
+    assert tc.equation_reward(["</think>\n<answer>3 / (5 - 5)</answer>"], target=[0], nums=[[3, 5, 5]]) == [0.0]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "__import__('os').system('echo pwned')",
+        "9**9**9**9",  # never returns under eval
+        "9 * 9 * 9 * 9 ** 9 ** 9",
+        "1" * 150,  # a 150-digit literal
+        "1" * 100000,  # a 100,000-character answer
+        "\u0663 + \u0664",  # Arabic-Indic digits 3 + 4: int() would accept them
+        "(" * 100000 + "1" + ")" * 100000,  # would exhaust ast.parse's stack
+        "((((((((((3 + 4))))))))))",  # nested but fine: valid, uses [3, 4], equals 7
+        "-3 + 10",  # unary minus: not a Countdown move
+        "3.5 + 3.5",
+        "lambda: 7",
+        "[7][0]",
+        "7 if True else 0",
+        "",
+    ],
+)
+def test_rewards_survive_hostile_answers(answer):
+    completion = f"x</think>\n<answer>{answer}</answer>"
+    start = time.perf_counter()
+    eq = tc.equation_reward([completion], target=[7], nums=[[3, 4]])
+    fmt = tc.format_reward([completion])
+    numbers = tc.numbers_reward([completion], nums=[[3, 4]])
+    assert time.perf_counter() - start < 1.0
+    assert eq == numbers == ([1.0] if answer == "((((((((((3 + 4))))))))))" else [0.0])
+    assert fmt == [1.0]  # the shape is right, whatever the content
+
+
+def test_format_reward_mini_r1_rule():
+    assert tc.format_reward(["I add.</think>\n<answer>1 + 2</answer>"]) == [1.0]
+    assert tc.format_reward(["I add.</think>\n<answer>1 + 2</answer>\n"]) == [1.0]  # trailing whitespace
+    assert tc.format_reward(["I add.</think><answer>1 + 2</answer>"]) == [0.0]  # no newline
+    assert tc.format_reward(["I add.</think>\n<answer>1 + 2</answer> done"]) == [0.0]  # text after
+    assert tc.format_reward(["a<think>b</think>\n<answer>1</answer>"]) == [0.0]  # a nested think
+    assert tc.format_reward(["<answer>1 + 2</answer>"]) == [0.0]  # no think block
+
+
+def test_answer_style_rewards_read_the_prefill_from_the_prompt():
+    prompt = "...<|im_start|>assistant\n<answer>"  # the CPU preset's prompt ends with the answer pre-opened
+    completions = [" 3 * 4 </answer>", " 3 * 5 </answer>", "4 </answer>", "12</answer> because", "twelve"]
+    prompts = [prompt] * 5
+    assert tc.numbers_reward(completions, nums=[[3, 4]] * 5, prompts=prompts) == [1.0, 0.5, 0.0, 0.0, 0.0]
+    more = [" 4 + 3 </answer> and", "3 * 4 * 3</answer>", " 7 </answer>", "19 * 3 </answer>"]
+    assert tc.numbers_reward(more, nums=[[3, 4]] * 4, prompts=[prompt] * 4) == pytest.approx([1.0, 2 / 3, 0.0, 0.5])
+    assert tc.format_reward(completions, prompts=prompts) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert tc.equation_reward(completions, target=[12] * 5, nums=[[3, 4]] * 5, prompts=prompts) == [1.0, 0, 0, 0, 0]
+
+
+def test_load_countdown_local_files(tmp_path):
+    good = tmp_path / "tasks.jsonl"
+    good.write_text('{"nums": [1, 2, 3], "target": 6}\n{"nums": [4, 5], "target": 9}\n')
+    data = tc.load_countdown(str(good))
+    assert data["target"] == [6, 9] and data["nums"][1] == [4, 5]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"numbers": [1, 2], "target": 3}\n')
+    with pytest.raises(ValueError, match="nums"):
+        tc.load_countdown(str(bad))
+    with pytest.raises(ValueError, match="does not exist"):
+        tc.load_countdown(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "r2-d2"], "invalid choice: 'r2-d2'"),
+        (["--num-generations", "1"], "error: num_generations must be at least 2"),
+        (["--dataset", "/no/such/file.jsonl"], "does not exist"),
+        (["--model", "/no/such/model", "--max-steps", "1"], "Could not load model"),
+    ],
+)
+def test_cli_user_mistakes_exit_nonzero_without_traceback(args, message, tmp_path):
+    done = subprocess.run([sys.executable, "train_countdown.py", "--output-dir", str(tmp_path), *args],
+                          capture_output=True, text=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_countdown_model(tmp_path_factory):
+    """A tiny random Llama with the embedded SmolLM2 tokenizer (and its chat template), saved as a local model:
+    the stand-in for SmolLM2 and Qwen2.5-3B in end-to-end runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = grpo.load_model_and_tokenizer(grpo.EMBEDDED_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-countdown-model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def final_weights(out_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out_dir, "checkpoint", "model.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_countdown_model, tmp_path):
+    common = ["--model", tiny_countdown_model, "--eval-size", "4", "--save-every", "1", "--max-completion-length", "6",
+              "--learning-rate", "1e-2", "--device", "cpu"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    tc.main([*common, "--output-dir", straight, "--max-steps", "3"])
+    tc.main([*common, "--output-dir", split, "--max-steps", "2"])
+    tc.main([*common, "--output-dir", split, "--max-steps", "3", "--resume"])
+    steps = [json.loads(line)["step"] for line in open(os.path.join(split, "metrics.jsonl"))]
+    assert steps == [1, 2, 3]
+    a, b = final_weights(straight), final_weights(split)
+    for key in a:  # same data order, RNG, optimizer state and step: the same weights, bit for bit
+        assert torch.equal(a[key], b[key]), key
+    for name in ("curves.png", "samples.txt", "eval.json"):
+        assert os.path.getsize(os.path.join(split, name)) > 0
+    evals = json.load(open(os.path.join(split, "eval.json")))
+    assert {"before", "after", "reward_first_fifth", "reward_last_fifth"} <= set(evals)
+    record = json.loads(open(os.path.join(split, "metrics.jsonl")).readline())
+    for key in ("step", "reward", "reward_std", "rewards/format_reward", "rewards/equation_reward", "kl",
+                "completion_length", "step_time"):
+        assert key in record
+
+
+def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_path):
+    # The Mini-R1 code path (its prompt, rewards, cosine schedule, gradient checkpointing, bf16 flag) on a tiny
+    # model; only the sizes are shrunk so that it runs here.
+    tc.main(["--preset", "mini-r1", "--model", tiny_countdown_model, "--output-dir", str(tmp_path), "--max-steps", "1",
+             "--generation-batch-size", "16", "--micro-batch-size", "8", "--max-completion-length", "8",
+             "--eval-size", "4", "--device", "cpu"])
+    record = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert record["step"] == 1 and "rewards/format_reward" in record
+    prompt = open(tmp_path / "samples.txt").read()
+    assert "Let me solve this step by step.\n<think>" in prompt
+
+
+# ----------------------------------------------------------------------------------------------------
+# notebooks/: each one runs top to bottom, within 5 minutes, and draws its figures.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 1), ("03_fused_loss", 1)])
+def test_notebook_runs(name, figures):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = os.path.join(HERE, "notebooks", f"{name}.ipynb")
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells), "strip the outputs before committing"
+    start = time.perf_counter()
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()  # raises on a failing cell
+    assert time.perf_counter() - start < 300
+    images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= figures

@@ -1,0 +1,470 @@
+"""Countdown with GRPO: reproduce Mini-R1's "aha moment" on one GPU, and watch a small model learn on a CPU.
+
+Countdown: given numbers (say 19, 36, 55, 7) and a target (65), write an equation that uses each number exactly
+once with + - * / and equals the target: 55 + 36 - 7 - 19. The reward is checkable, so no reward model is needed.
+
+    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~20 min on a laptop CPU
+    python train_countdown.py --preset mini-r1     # Qwen2.5-3B-Instruct, the Mini-R1 tutorial, one 80 GB GPU
+    python train_countdown.py --help               # every GRPOConfig field can be overridden: --learning-rate 1e-6
+
+Writes to --output-dir: metrics.jsonl, curves.png, samples.txt, eval.json and checkpoint/ (resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import operator
+import random
+import re
+import sys
+from collections import Counter
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import grpo
+
+# ----------------------------------------------------------------------------------------------------
+# Data: an offline generator of solvable problems, or the hub dataset / a local file.
+# ----------------------------------------------------------------------------------------------------
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def make_problem(rng: random.Random, num_numbers: int, max_number: int, ops: str = "+-*/") -> dict:
+    """Draw numbers, then combine random pairs with random operations until one value is left: the target.
+    Every intermediate is a positive integer, as in the game. Example: [4, 7, 2] -> 4 * 2 = 8, 8 + 7 = 15."""
+    while True:
+        nums = [rng.randint(1, max_number) for _ in range(num_numbers)]
+        pool = [Fraction(n) for n in nums]
+        while len(pool) > 1:
+            a, b = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
+            choices = [op for op in ops if (op != "-" or a > b) and (op != "/" or (b != 0 and a % b == 0))]
+            pool.append(OPS[rng.choice(choices)](a, b) if choices else a + b)
+        target = pool[0]
+        if target.denominator == 1 and 0 < target <= 10 * max_number:
+            return {"nums": nums, "target": int(target)}
+
+
+def solve(nums: list[int], target: int) -> str | None:
+    """An equation over nums that equals target, by exhaustive search (a few thousand tries for 4 numbers);
+    None when there is none. An independent check that a generated problem is solvable."""
+    items = [(Fraction(n), str(n)) for n in nums]
+
+    def search(items):
+        if len(items) == 1:
+            return items[0][1] if items[0][0] == target else None
+        for i in range(len(items)):
+            for j in range(len(items)):
+                if i == j:
+                    continue
+                (a, ea), (b, eb) = items[i], items[j]
+                rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+                for sym, fn in OPS.items():
+                    if (sym in "+*" and i > j) or (sym == "/" and b == 0):
+                        continue  # + and * commute: try each pair once
+                    found = search(rest + [(fn(a, b), f"({ea} {sym} {eb})")])
+                    if found:
+                        return found
+        return None
+
+    return search(items)
+
+
+def generate_dataset(size: int, seed: int, num_numbers=(3, 4), max_number: int = 100, ops: str = "+-*/"):
+    """A datasets.Dataset of `size` solvable problems with columns nums and target, the same for a seed.
+    Default shape: 3 or 4 numbers up to 100, as in Jiayi-Pan/Countdown-Tasks-3to4."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = [make_problem(rng, rng.choice(num_numbers), max_number, ops) for _ in range(size)]
+    for row in rows:
+        assert solve(row["nums"], row["target"]) is not None, row  # solvable by construction; checked anyway
+    return Dataset.from_list(rows)
+
+
+def load_countdown(name_or_path: str):
+    """Jiayi-Pan/Countdown-Tasks-3to4 (or any hub dataset) through datasets.load_dataset, for users who are
+    online, or a local .jsonl/.json/.parquet file, each with columns nums and target."""
+    from datasets import load_dataset
+
+    path = Path(name_or_path)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise ValueError(f"dataset file {path} does not exist; give a .jsonl or .parquet file with columns nums and target.")
+        data = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+    else:
+        try:
+            data = load_dataset(name_or_path, split="train")
+        except Exception as error:  # offline, or no such dataset
+            raise ValueError(
+                f"could not load dataset {name_or_path!r} ({type(error).__name__}): give a local .jsonl or .parquet "
+                "file with columns nums and target, or leave out --dataset to generate problems offline."
+            ) from None
+    missing = {"nums", "target"} - set(data.column_names)
+    if missing:
+        raise ValueError(f"dataset {name_or_path!r} lacks the column(s) {sorted(missing)}; it needs nums and target.")
+    return data.select_columns(["nums", "target"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prompt: Mini-R1's messages, and the assistant turn pre-filled so that the model starts thinking.
+# ----------------------------------------------------------------------------------------------------
+SYSTEM = ("You are a helpful assistant. You first thinks about the reasoning process in the mind "
+          "and then provides the user with the answer.")
+USER = ("Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
+        "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
+        "And return the final equation in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+PREFILL = "Let me solve this step by step.\n<think>"
+# The CPU preset's shorter format: no think block, the answer alone, after one solved example in the chat.
+# Measured on SmolLM2-135M's first 32 samples: a think block in 40 tokens was closed almost never (every reward
+# 0); the answer alone without the example was in the exact format 7 times in 32 and never over the given
+# numbers; with the example, 29 times in 32 in the exact format, mostly "a op b" (often copying the example's
+# numbers, which numbers_reward below then teaches it not to do).
+ANSWER_SYSTEM = "You solve arithmetic puzzles."
+ANSWER_USER = "Using the numbers {nums} once each, with + - * /, make {target}. Reply with only the equation, like <answer> 3 * 4 </answer>"
+ANSWER_PREFILL = "<answer>"
+ANSWER_EXAMPLE = ([3, 4], 12, "<answer> 3 * 4 </answer>")  # nums, target, the assistant's reply
+STYLES = {"mini-r1": (SYSTEM, USER, PREFILL), "answer": (ANSWER_SYSTEM, ANSWER_USER, ANSWER_PREFILL)}
+
+
+def make_prompt(tokenizer, nums, target, style: str = "mini-r1") -> str:
+    """The chat-templated prompt, ending with the pre-filled start of the assistant's turn."""
+    system, user, prefill = STYLES[style]
+    messages = [{"role": "system", "content": system}]
+    if style == "answer":
+        example_nums, example_target, example_reply = ANSWER_EXAMPLE
+        messages += [
+            {"role": "user", "content": user.format(nums=example_nums, target=example_target)},
+            {"role": "assistant", "content": example_reply},
+        ]
+    messages += [
+        {"role": "user", "content": user.format(nums=list(nums), target=target)},
+        {"role": "assistant", "content": prefill},
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards, TRL's signature. They see any text a model can write: they never raise, hang or run code.
+# The prompt ends with the pre-filled tag ("<think>" or "<answer>"): the rewards judge that tag + completion.
+# ----------------------------------------------------------------------------------------------------
+THINK_FORMAT = re.compile(r"^<think>([^<]*(?:<(?!/?think>)[^<]*)*)</think>\n<answer>([\s\S]*?)</answer>$")
+ANSWER_FORMAT = re.compile(r"^<answer>([\s\S]*?)</answer>$")
+ANSWER = re.compile(r"<answer>([\s\S]*?)</answer>")
+MAX_EXPRESSION_CHARS = 200  # before parsing: ast.parse of 10^5 nested parentheses would exhaust the stack
+MAX_LITERAL = 10**6  # no literal beyond this: keeps every value small (there is no ** to build towers)
+
+
+def assistant_turns(completions, prompts=None) -> list[str]:
+    """The pre-filled tag the prompt ends with (the text after its last newline), then the completion.
+    Without prompts: Mini-R1's "<think>"."""
+    prompts = prompts or ["<think>"] * len(completions)
+    return [p.rsplit("\n", 1)[-1] + c for p, c in zip(prompts, completions)]
+
+
+def format_reward(completions, prompts=None, **kwargs) -> list[float]:
+    """1.0 when the assistant's turn is exactly the asked-for format, else 0.0. Mini-R1's rule: a think block,
+    a newline, an answer block, nothing more. For the answer-only prompt: an answer block, nothing more.
+    Trailing whitespace is allowed."""
+    rewards = []
+    for turn in assistant_turns(completions, prompts):
+        rule = THINK_FORMAT if turn.startswith("<think>") else ANSWER_FORMAT
+        rewards.append(1.0 if rule.match(turn.rstrip()) else 0.0)
+    return rewards
+
+
+def safe_eval(expression: str) -> tuple[Fraction, list[int]] | None:
+    """The exact value of an arithmetic expression over non-negative integers, + - * / and parentheses, and the
+    integers it uses; None for anything else. No eval: the text is parsed with ast and only whitelisted nodes
+    are computed, in exact fractions. Division by zero is None (a wrong answer, not a crash)."""
+    if len(expression) > MAX_EXPRESSION_CHARS or not re.fullmatch(r"[0-9+\-*/() ]+", expression.strip()):
+        return None  # ASCII digits only: no unicode digits, names, calls, **, or other characters
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    used: list[int] = []
+
+    def value(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise ZeroDivisionError
+            return BINARY[type(node.op)](left, right)
+        if isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= MAX_LITERAL:
+            used.append(node.value)
+            return Fraction(node.value)
+        raise ValueError("not allowed")  # unary minus, floats, names, calls, **, ...
+
+    try:
+        return value(tree.body), used
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def parse_answer(turn: str, numbers) -> tuple[str | None, Fraction | None, bool]:
+    """(the first answer block's text, its value, whether it uses each number exactly once)."""
+    match = ANSWER.search(turn)
+    result = safe_eval(match.group(1)) if match else None
+    if result is None:
+        return (match.group(1) if match else None), None, False
+    return match.group(1), result[0], sorted(result[1]) == sorted(numbers)
+
+
+def equation_reward(completions, target, nums, prompts=None, **kwargs) -> list[float]:
+    """1.0 when the first <answer> holds an expression that uses each number of nums exactly once and equals
+    target (within 1e-5), else 0.0."""
+    rewards = []
+    for turn, goal, numbers in zip(assistant_turns(completions, prompts), target, nums):
+        _, value, uses_numbers = parse_answer(turn, numbers)
+        rewards.append(1.0 if uses_numbers and abs(value - goal) < 1e-5 else 0.0)
+    return rewards
+
+
+def numbers_reward(completions, nums, prompts=None, **kwargs) -> list[float]:
+    """The CPU preset's shaping: how well the first <answer> uses the given numbers, right or wrong. For an
+    expression with at least one operation, the share of the given numbers it uses, as multisets:
+    |used & nums| / max(|used|, |nums|); 0 for anything else. Example, nums [19, 3]: "19 * 3" 1.0 (as is
+    "3 + 19"); "19 * 4" 0.5; "3 * 4" (the prompt's example, copied) 0.5; "19 * 3 * 3" 0.67;
+    "57" 0.0 (a bare number, even the target); no answer block 0.0.
+    Why this shape: a reward for a right answer alone is 0 for every sample of most groups (no gradient);
+    credit for the format alone taught SmolLM2-135M, in 5 to 8 steps, to close the tag with a bare number
+    ("<answer>18</answer>"), after which every group scored the same and learning stopped."""
+    rewards = []
+    for turn, numbers in zip(assistant_turns(completions, prompts), nums):
+        match = ANSWER.search(turn)
+        result = safe_eval(match.group(1)) if match else None
+        if result is None or len(result[1]) < 2:
+            rewards.append(0.0)
+            continue
+        used = Counter(result[1])
+        rewards.append(sum((used & Counter(numbers)).values()) / max(len(result[1]), len(numbers)))
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: a config, a model, a prompt style, a difficulty, and which rewards count.
+# ----------------------------------------------------------------------------------------------------
+PRESETS = {
+    # The embedded model on a laptop CPU (GPU when there is one): easier problems (2 numbers up to 20), the
+    # answer-only prompt, numbers_reward as shaping (the strict format_reward still logged, with weight 0).
+    "cpu": dict(
+        model=grpo.EMBEDDED_MODEL, style="answer", num_numbers=(2,), max_number=20, eval_size=32,
+        rewards={"numbers_reward": 1.0, "equation_reward": 1.0, "format_reward": 0.0},
+        config=dict(num_generations=8, generation_batch_size=16, micro_batch_size=16, max_prompt_length=128,
+                    max_completion_length=20, temperature=1.0, learning_rate=1e-5, beta=0.04, max_steps=30,
+                    lr_scheduler_type="constant", warmup_ratio=0.0, loss_type="grpo", seed=0),
+    ),
+    # The Mini-R1 tutorial (philschmid.de/mini-deepseek-r1), fitted to one 80 GB GPU: see README.md.
+    "mini-r1": dict(
+        model="Qwen/Qwen2.5-3B-Instruct", style="mini-r1", num_numbers=(3, 4), max_number=100, eval_size=200,
+        rewards={"format_reward": 1.0, "equation_reward": 1.0},
+        config=dict(num_generations=8, generation_batch_size=192, micro_batch_size=4, max_prompt_length=256,
+                    max_completion_length=1024, temperature=0.9, learning_rate=5e-7, beta=0.001, max_steps=450,
+                    lr_scheduler_type="cosine", warmup_ratio=0.03, loss_type="grpo", bf16=True,
+                    gradient_checkpointing=True, use_fused_loss=True, seed=42),
+    ),
+}
+REWARD_FUNCS = {f.__name__: f for f in (format_reward, equation_reward, numbers_reward)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="default: cpu")
+    parser.add_argument("--model", help="hub id, local directory, or " + grpo.EMBEDDED_MODEL + " (the preset's by default)")
+    parser.add_argument("--dataset", help="hub dataset (e.g. Jiayi-Pan/Countdown-Tasks-3to4) or a .jsonl/.parquet "
+                        "file with columns nums and target; default: generate problems offline")
+    parser.add_argument("--num-numbers", type=int, nargs="+", help="generated problems: how many numbers (e.g. 3 4)")
+    parser.add_argument("--max-number", type=int, help="generated problems: largest number")
+    parser.add_argument("--eval-size", type=int, help="held-out problems for the greedy accuracy before and after")
+    parser.add_argument("--output-dir", default="runs/countdown")
+    parser.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint")
+    parser.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
+    parser.add_argument("--sample-every", type=int, default=5, help="steps between sample dumps to samples.txt")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    config = parser.add_argument_group("GRPOConfig fields (override the preset)")
+    for field in dataclasses.fields(grpo.GRPOConfig):
+        kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}
+        parse = next((v for k, v in kind.items() if str(field.type).startswith(k)), str)
+        if field.name == "epsilon_high":
+            parse = float
+        config.add_argument("--" + field.name.replace("_", "-"), type=parse, dest="cfg_" + field.name, metavar=field.name.upper())
+    return parser.parse_args(argv)
+
+
+def build_config(args) -> tuple[dict, grpo.GRPOConfig]:
+    preset = dict(PRESETS[args.preset])
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    cfg = grpo.GRPOConfig(**{**preset["config"], **overrides})  # raises ValueError on a bad combination
+    for key in ("model", "num_numbers", "max_number", "eval_size"):
+        if getattr(args, key, None) is not None:
+            preset[key] = tuple(args.num_numbers) if key == "num_numbers" else getattr(args, key)
+    return preset, cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation, plots, samples, checkpoints.
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, dataset, style, max_new_tokens, batch_size=16) -> tuple[float, list[str]]:
+    """Fraction of problems whose greedy completion earns equation_reward, and the completions."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [make_prompt(tokenizer, n, t, style) for n, t in zip(dataset["nums"], dataset["target"])]
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=grpo.eos_token_ids(model, tokenizer))
+        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    scores = equation_reward(completions, dataset["target"], dataset["nums"], prompts=prompts)
+    return sum(scores) / max(len(scores), 1), completions
+
+
+def plot_curves(history: list[dict], path: Path, reward_names: list[str]):
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a notebook's inline backend stays as it is
+
+    steps = [h["step"] for h in history]
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
+    axes[0].plot(steps, [h["reward"] for h in history], label="total reward", linewidth=2)
+    for name in reward_names:
+        axes[0].plot(steps, [h[f"rewards/{name}"] for h in history], label=name, alpha=0.8)
+    axes[0].set(title="reward (mean over the step's completions)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [h["completion_length"] for h in history])
+    axes[1].set(title="completion length (tokens)", xlabel="step")
+    axes[2].plot(steps, [h["kl"] for h in history])
+    axes[2].set(title="KL(pi_theta || pi_ref), k3 estimate", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int):
+    tmp = out / "checkpoint.tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
+    final = out / "checkpoint"
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)  # a crash while saving leaves the previous checkpoint whole
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------------
+def train(args) -> dict:
+    preset, cfg = build_config(args)
+    out = Path(args.output_dir)
+    if args.resume and not (out / "checkpoint" / "trainer_state.pt").exists():
+        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoint'}; run once without --resume first.")
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(cfg.seed)
+
+    # Data: a fixed shuffled order, so that step k always sees the same prompts (and --resume continues it).
+    prompts_per_step = cfg.generation_batch_size // cfg.num_generations
+    if args.dataset:
+        data = load_countdown(args.dataset)
+    else:
+        size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
+        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"])
+    split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
+    train_data, test_data = split["train"], split["test"]
+    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+
+    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
+    reward_names = list(preset["rewards"])
+    reward_funcs = [REWARD_FUNCS[name] for name in reward_names]
+    weights = [preset["rewards"][name] for name in reward_names]
+    print(f"{preset['model']} on {device}; rewards {preset['rewards']}; {cfg.max_steps} steps of "
+          f"{prompts_per_step} prompts x G={cfg.num_generations}; output in {out}")
+
+    start_step, history, evals = 0, [], {}
+    if args.resume:
+        state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(out / "checkpoint" / "model.safetensors"), strict=False)
+        model.tie_weights()
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start_step = state["step"]
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:start_step]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
+        print(f"resumed from step {start_step}")
+    else:
+        for name in ("metrics.jsonl", "samples.txt"):
+            (out / name).unlink(missing_ok=True)
+
+    if "before" not in evals:
+        evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
+        print(f"held-out accuracy before training (greedy, {len(test_data)} problems): {evals['before']:.3f}")
+        (out / "eval.json").write_text(json.dumps(evals, indent=1))
+
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="GRPO", dynamic_ncols=True)
+    for step in bar:
+        index = [order[(step * prompts_per_step + i) % len(order)] for i in range(prompts_per_step)]
+        rows = train_data.select(index)
+        prompts = [make_prompt(tokenizer, n, t, preset["style"]) for n, t in zip(rows["nums"], rows["target"])]
+        metrics, rollouts = grpo.grpo_step(model, ref_model, tokenizer, optimizer, scheduler, prompts, reward_funcs, cfg,
+                                           columns={"nums": rows["nums"], "target": rows["target"]},
+                                           reward_weights=weights)
+        metrics["step"] = step + 1
+        history.append(metrics)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", equation=f"{metrics['rewards/equation_reward']:.2f}",
+                        len=f"{metrics['completion_length']:.0f}")
+        plot_curves(history, out / "curves.png", reward_names)
+        if (step + 1) % args.sample_every == 0 or step == start_step:
+            with open(out / "samples.txt", "a") as f:
+                f.write(f"===== step {step + 1}: nums {rows['nums'][0]}, target {rows['target'][0]}\n")
+                for i in range(cfg.num_generations):  # the first prompt's group
+                    scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(reward_names, rollouts["rewards_per_func"][i]))
+                    f.write(f"--- reward {rollouts['rewards'][i]:.2f} ({scores}), advantage {rollouts['advantages'][i]:+.2f}\n")
+                    f.write(STYLES[preset["style"]][2] + rollouts["completions"][i] + "\n")
+        if (step + 1) % args.save_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
+
+    evals["after"], completions = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
+    print(f"held-out accuracy after training (greedy, {len(test_data)} problems): {evals['after']:.3f}")
+    fifth = max(1, len(history) // 5)
+    if history:
+        evals["reward_first_fifth"] = sum(h["reward"] for h in history[:fifth]) / fifth
+        evals["reward_last_fifth"] = sum(h["reward"] for h in history[-fifth:]) / fifth
+        print(f"mean total reward: first fifth of the steps {evals['reward_first_fifth']:.3f}, "
+              f"last fifth {evals['reward_last_fifth']:.3f}")
+    (out / "eval.json").write_text(json.dumps(evals, indent=1))
+    return evals
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError) as error:  # a user's mistake: one line, no traceback
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
