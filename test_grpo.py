@@ -728,6 +728,8 @@ def test_load_countdown_local_files(tmp_path):
         (["--num-generations", "1"], "error: num_generations must be at least 2"),
         (["--dataset", "/no/such/file.jsonl"], "does not exist"),
         (["--model", "/no/such/model", "--max-steps", "1"], "Could not load model"),
+        (["--num-numbers", "0"], "--num-numbers takes values from 2 to 6"),
+        (["--bf16", "maybe"], "expected true or false"),
     ],
 )
 def test_cli_user_mistakes_exit_nonzero_without_traceback(args, message, tmp_path):

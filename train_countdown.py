@@ -114,13 +114,15 @@ def load_countdown(name_or_path: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The prompt: Mini-R1's messages, and the assistant turn pre-filled so that the model starts thinking.
+# The prompt: Mini-R1's messages (word for word, grammar included), and the assistant turn pre-filled so that
+# the model starts thinking.
 # ----------------------------------------------------------------------------------------------------
 SYSTEM = ("You are a helpful assistant. You first thinks about the reasoning process in the mind "
           "and then provides the user with the answer.")
 USER = ("Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
-        "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
-        "And return the final equation in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+        "operations (+, -, *, /) one or multiple times but each number can only be used once. Show your work in "
+        "<think> </think> tags. And return the final equation in <answer> </answer> tags, for example "
+        "<answer> (1 + 2) / 3 </answer>. Think step by step inside <think> tags.")
 PREFILL = "Let me solve this step by step.\n<think>"
 # The CPU preset's shorter format: no think block, the answer alone, after one solved example in the chat.
 # Measured on SmolLM2-135M's first 32 samples: a think block in 40 tokens was closed almost never (every reward
@@ -278,6 +280,12 @@ PRESETS = {
 REWARD_FUNCS = {f.__name__: f for f in (format_reward, equation_reward, numbers_reward)}
 
 
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="default: cpu")
@@ -294,7 +302,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     config = parser.add_argument_group("GRPOConfig fields (override the preset)")
     for field in dataclasses.fields(grpo.GRPOConfig):
-        kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}
+        kind = {"bool": parse_bool, "int": int, "float": float}
         parse = next((v for k, v in kind.items() if str(field.type).startswith(k)), str)
         if field.name == "epsilon_high":
             parse = float
@@ -309,6 +317,8 @@ def build_config(args) -> tuple[dict, grpo.GRPOConfig]:
     for key in ("model", "num_numbers", "max_number", "eval_size"):
         if getattr(args, key, None) is not None:
             preset[key] = tuple(args.num_numbers) if key == "num_numbers" else getattr(args, key)
+    if not all(2 <= n <= 6 for n in preset["num_numbers"]) or preset["max_number"] < 1 or preset["eval_size"] < 1:
+        raise ValueError("--num-numbers takes values from 2 to 6, and --max-number and --eval-size must be at least 1.")
     return preset, cfg
 
 
@@ -464,6 +474,8 @@ def main(argv=None):
         train(args)
     except (ValueError, FileNotFoundError) as error:  # a user's mistake: one line, no traceback
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: continue from the last checkpoint with --resume --output-dir {args.output_dir}")
 
 
 if __name__ == "__main__":
