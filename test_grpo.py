@@ -783,6 +783,8 @@ def test_resume_continues_exactly(tiny_countdown_model, tmp_path):
     for key in ("step", "reward", "reward_std", "rewards/format_reward", "rewards/equation_reward", "kl",
                 "completion_length", "step_time"):
         assert key in record
+    with pytest.raises(SystemExit, match="is not a checkpoint of SmolLM2"):  # resuming with another model
+        tc.main(["--output-dir", split, "--resume", "--max-steps", "4", "--device", "cpu"])
 
 
 def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_path):

@@ -409,10 +409,14 @@ def train(args) -> dict:
     start_step, history, evals = 0, [], {}
     if args.resume:
         state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(out / "checkpoint" / "model.safetensors"), strict=False)
-        model.tie_weights()
+        # Through from_pretrained, which reads sharded checkpoints (a 3B model's is), then a strict copy: a
+        # checkpoint of another model is an error, not a silent partial load.
+        saved, _ = grpo.load_model_and_tokenizer(str(out / "checkpoint"), dtype=next(model.parameters()).dtype)
+        try:
+            model.load_state_dict(saved.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"{out / 'checkpoint'} is not a checkpoint of {preset['model']}: {str(error)[:300]}") from None
+        del saved
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
