@@ -361,6 +361,30 @@ def plot_curves(history: list[dict], path: Path, reward_names: list[str]):
     fig.savefig(path, dpi=90)
 
 
+def countdown_data(dataset: str | None, preset: dict, cfg: grpo.GRPOConfig):
+    """(train split, held-out split, the order of training problems). The order is fixed by the seed, so that
+    step k always sees the same prompts and --resume continues the same sequence."""
+    if dataset:
+        data = load_countdown(dataset)
+    else:
+        prompts_per_step = cfg.generation_batch_size // cfg.num_generations
+        size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
+        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"])
+    split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
+    order = torch.randperm(len(split["train"]), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return split["train"], split["test"], order
+
+
+def write_samples(path: Path, step: int, problem: dict, rollouts: dict, reward_names: list[str], G: int, prefill: str):
+    """Append the first prompt's group of completions, with each reward and advantage, to samples.txt."""
+    with open(path, "a") as f:
+        f.write(f"===== step {step}: nums {problem['nums']}, target {problem['target']}\n")
+        for i in range(G):
+            scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(reward_names, rollouts["rewards_per_func"][i]))
+            f.write(f"--- reward {rollouts['rewards'][i]:.2f} ({scores}), advantage {rollouts['advantages'][i]:+.2f}\n")
+            f.write(prefill + rollouts["completions"][i] + "\n")
+
+
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int):
     tmp = out / "checkpoint.tmp"
     model.save_pretrained(tmp)
@@ -387,16 +411,8 @@ def train(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     random.seed(cfg.seed)
 
-    # Data: a fixed shuffled order, so that step k always sees the same prompts (and --resume continues it).
     prompts_per_step = cfg.generation_batch_size // cfg.num_generations
-    if args.dataset:
-        data = load_countdown(args.dataset)
-    else:
-        size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
-        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"])
-    split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
-    train_data, test_data = split["train"], split["test"]
-    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train_data, test_data, order = countdown_data(args.dataset, preset, cfg)
 
     model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device)
     ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
@@ -451,17 +467,16 @@ def train(args) -> dict:
                         len=f"{metrics['completion_length']:.0f}")
         plot_curves(history, out / "curves.png", reward_names)
         if (step + 1) % args.sample_every == 0 or step == start_step:
-            with open(out / "samples.txt", "a") as f:
-                f.write(f"===== step {step + 1}: nums {rows['nums'][0]}, target {rows['target'][0]}\n")
-                for i in range(cfg.num_generations):  # the first prompt's group
-                    scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(reward_names, rollouts["rewards_per_func"][i]))
-                    f.write(f"--- reward {rollouts['rewards'][i]:.2f} ({scores}), advantage {rollouts['advantages'][i]:+.2f}\n")
-                    f.write(STYLES[preset["style"]][2] + rollouts["completions"][i] + "\n")
+            write_samples(out / "samples.txt", step + 1, rows[0], rollouts, reward_names, cfg.num_generations,
+                          STYLES[preset["style"]][2])
         if (step + 1) % args.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
 
     evals["after"], completions = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
     print(f"held-out accuracy after training (greedy, {len(test_data)} problems): {evals['after']:.3f}")
+    with open(out / "eval_completions.txt", "w") as f:  # the greedy answers behind the "after" accuracy
+        for row, completion in zip(test_data, completions):
+            f.write(f"{row['nums']} -> {row['target']}: {STYLES[preset['style']][2]}{completion}\n")
     fifth = max(1, len(history) // 5)
     if history:
         evals["reward_first_fifth"] = sum(h["reward"] for h in history[:fifth]) / fifth
