@@ -129,7 +129,7 @@ def _build_embedded_checkpoint(target: Path) -> None:
     if not gguf_files:
         raise ValueError(f"No .gguf file in {package_dir}; reinstall it with: {EMBEDDED_INSTALL} --force-reinstall")
     gguf = gguf_files[0].name
-    print(f"Building a plain checkpoint of {EMBEDDED_MODEL} from {gguf} (once; about 30 s) ...", flush=True)
+    print(f"Building a plain checkpoint of {EMBEDDED_MODEL} from {gguf} (once; about 40 s) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf)
     # transformers marks a GGUF model as quantized although its weights are dequantized float32, and then

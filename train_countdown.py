@@ -16,13 +16,11 @@ import argparse
 import ast
 import dataclasses
 import json
-import math
 import operator
 import random
 import re
 import sys
 from collections import Counter
-import time
 from fractions import Fraction
 from pathlib import Path
 
