@@ -239,7 +239,7 @@ def grpo_run_parameters(cfg, seed=0, steps=1, optimizer_cls=torch.optim.SGD, lr=
     """Train the tiny model for `steps` GRPO steps and return its parameters, flattened."""
     tok = tiny_tokenizer()
     model = tiny_model(seed)
-    ref_model, _, scheduler_unused = grpo.setup(model, cfg)
+    ref_model, _, _ = grpo.setup(model, cfg)  # our own SGD optimizer and constant schedule below
     optimizer = optimizer_cls(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     torch.manual_seed(seed + 1)  # the same samples in every run
