@@ -290,15 +290,12 @@ def test_grpo_learns_toy_reward():
     model = tiny_model(0)
     ref_model, optimizer, scheduler = grpo.setup(model, cfg)
     prompts = ["b c", "d e f", "g", "h i j k"]
-    start = time.perf_counter()
     rewards = []
     for _ in range(cfg.max_steps):
         metrics, _ = grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, prompts, [fraction_of_a], cfg)
         rewards.append(metrics["reward"])
-    elapsed = time.perf_counter() - start
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}, {elapsed:.1f} s")
-    assert elapsed < 60
+    print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert first < 0.15  # a random policy over 16 tokens writes 'a' about 1 time in 16
     assert last > 0.6
 
@@ -683,7 +680,7 @@ def test_rewards_survive_hostile_answers(answer):
     eq = tc.equation_reward([completion], target=[7], nums=[[3, 4]])
     fmt = tc.format_reward([completion])
     numbers = tc.numbers_reward([completion], nums=[[3, 4]])
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0  # a guard against a hang (a power tower never returns): ms here
     assert eq == numbers == ([1.0] if answer == "((((((((((3 + 4))))))))))" else [0.0])
     assert fmt == [1.0]  # the shape is right, whatever the content
 
@@ -800,7 +797,8 @@ def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------
-# notebooks/: each one runs top to bottom, within 5 minutes, and draws its figures.
+# notebooks/: each one runs top to bottom and draws its figures. The cell limit only catches a hang: how fast a
+# notebook runs depends on the machine, and no test may.
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 1), ("03_fused_loss", 1)])
 def test_notebook_runs(name, figures):
@@ -810,9 +808,7 @@ def test_notebook_runs(name, figures):
     path = os.path.join(HERE, "notebooks", f"{name}.ipynb")
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells), "strip the outputs before committing"
-    start = time.perf_counter()
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
+    NotebookClient(notebook, timeout=3600, kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(path)}}).execute()  # raises on a failing cell
-    assert time.perf_counter() - start < 300
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= figures
