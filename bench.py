@@ -1,0 +1,143 @@
+"""Benchmarks that print a table. Speed lives here, not in the tests: it depends on the machine.
+
+    python bench.py kernel     # the fused GRPO loss against the eager reference, torch.compile and Liger (GPU)
+
+Each row is the median of many runs timed with CUDA events after warm-ups; BENCHMARKS.md keeps the tables with
+the date, the device and the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import grpo
+
+LOSS_ARGS = dict(temperature=0.9, beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo")
+
+
+def kernel_inputs(B, T, V, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, device=device, dtype=torch.float32).mul_(2).to(dtype)  # (B, T, V)
+    ids = torch.randint(0, V, (B, T), generator=g, device=device)  # (B, T)
+    old = -torch.rand(B, T, generator=g, device=device) * 12 - 5  # (B, T) plausible log-probs
+    ref = old + torch.randn(B, T, generator=g, device=device) * 0.1  # (B, T)
+    adv = torch.randn(B, generator=g, device=device)  # (B,)
+    mask = (torch.arange(T, device=device)[None, :] < torch.randint(T // 2, T + 1, (B, 1), device=device)).long()
+    return logits, ids, old, ref, adv, mask
+
+
+def reference_loss(logits, ids, old, ref, adv, mask):
+    """The eager PyTorch reference of grpo.py, as grpo.py calls it."""
+    kw = {k: v for k, v in LOSS_ARGS.items() if k != "temperature"}
+    logps = grpo.selective_log_softmax(logits.float() / LOSS_ARGS["temperature"], ids)  # (B, T)
+    return grpo.grpo_loss(logps, old, ref, adv, mask, **kw)[0]
+
+
+def fused_loss(logits, ids, old, ref, adv, mask, inplace):
+    """The Triton kernel, then grpo.aggregate_loss, as grpo.py calls it."""
+    import kernels
+
+    kw = {k: v for k, v in LOSS_ARGS.items() if k != "loss_type"}
+    per_token = kernels.fused_per_token_loss(logits, ids, old, ref, adv, mask, inplace=inplace, **kw)
+    return grpo.aggregate_loss(*per_token[:4], mask, beta=LOSS_ARGS["beta"], loss_type=LOSS_ARGS["loss_type"])[0]
+
+
+def time_ms(fn, make_input, repeats):
+    """Median milliseconds of fn(make_input()) over `repeats` runs after 3 warm-ups, timed with CUDA events
+    around fn alone."""
+    for _ in range(3):
+        fn(make_input())
+    times = []
+    for _ in range(repeats):
+        x = make_input()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        del x  # free this run's logits and gradient before the next copy is made
+    return sorted(times)[len(times) // 2]
+
+
+def bench_kernel(B, T, V, dtype=torch.bfloat16, repeats=20):
+    """Median forward + backward time (CUDA events) and peak extra memory of each implementation."""
+    logits, ids, old, ref, adv, mask = kernel_inputs(B, T, V, dtype, "cuda")
+    n_bytes = logits.numel() * logits.element_size()
+    # the machine's copy bandwidth: read n_bytes and write n_bytes
+    copy = torch.empty_like(logits)
+    copy_ms = time_ms(lambda _: copy.copy_(logits), lambda: None, repeats)
+    bandwidth = 2 * n_bytes / (copy_ms / 1e3)
+    del copy
+    floor_ms = 3 * n_bytes / bandwidth * 1e3  # forward reads logits; backward reads them and writes d(logits)
+
+    compiled_reference = torch.compile(reference_loss)
+    candidates = [
+        ("eager reference (grpo.py)", lambda x: reference_loss(x, ids, old, ref, adv, mask).backward()),
+        ("torch.compile(reference)", lambda x: compiled_reference(x, ids, old, ref, adv, mask).backward()),
+        ("this kernel", lambda x: fused_loss(x, ids, old, ref, adv, mask, inplace=False).backward()),
+        ("this kernel, in place", lambda x: fused_loss(x, ids, old, ref, adv, mask, inplace=True).backward()),
+    ]
+    try:  # Liger Kernel's Triton GRPO loss, when installed; it takes the unshifted (B, T+1, V) logits
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        padded = torch.cat([logits, logits[:, -1:]], dim=1)  # (B, T+1, V)
+
+        def run_liger(_x):
+            x = padded.clone().requires_grad_()
+            out = triton_grpo_loss(x, old, ref, ids, adv, mask, temperature=LOSS_ARGS["temperature"], beta=0.04,
+                                   eps_low=0.2, eps_high=0.28, inplace=True, loss_type="dapo", reduce=True)
+            (out[0] if isinstance(out, tuple) else out).backward()
+
+        candidates.append(("Liger triton_grpo_loss", run_liger))
+    except ImportError:
+        print("(liger-kernel is not installed: its row is left out)")
+
+    rows = []
+    for name, fn in candidates:
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ms = time_ms(fn, lambda: logits.clone().requires_grad_(), repeats)  # a fresh copy per run, untimed
+            peak = torch.cuda.max_memory_allocated() - base - n_bytes  # extra beyond the logits themselves
+            rows.append((name, ms, 3 * n_bytes / (ms / 1e3) / 1e9, ms / floor_ms, peak / n_bytes))
+        except Exception as error:  # a failing candidate is reported, not fatal
+            rows.append((name, float("nan"), float("nan"), float("nan"), float("nan")))
+            print(f"{name}: failed: {type(error).__name__}: {str(error)[:200]}")
+    print(f"\nB={B} T={T} V={V} {str(dtype).replace('torch.', '')}: logits {n_bytes / 1e9:.2f} GB, "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, memory floor {floor_ms:.2f} ms")
+    print(f"| {'implementation':28s} | fwd+bwd ms | GB/s  | x floor | peak extra memory / logits |")
+    print(f"|{'-' * 30}|-----------:|------:|--------:|---------------------------:|")
+    for name, ms, gbs, ratio, mem in rows:
+        print(f"| {name:28s} | {ms:10.2f} | {gbs:5.0f} | {ratio:7.2f} | {mem:26.2f} |")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["kernel"], help="which benchmark")
+    args = parser.parse_args(argv)
+    if args.what == "kernel":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py kernel times the Triton kernel on a CUDA GPU; on a CPU, `python kernels.py` "
+                             "checks it under Triton's interpreter.")
+        import triton
+
+        import kernels
+
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+        for shape in [(8, 1024, 151936), (16, 512, 49152)]:  # Qwen2.5's vocabulary, then SmolLM2's
+            loss_err, grad_err = kernels.check_against_reference(*shape, torch.bfloat16, "cuda")
+            print(f"check {shape} bf16: loss relative error {loss_err:.1e}, d(logits) relative error {grad_err:.1e}")
+            assert loss_err < 1e-4 and grad_err < 1e-2, "the kernel disagrees with the reference: no timings"
+        for shape in [(8, 1024, 151936), (16, 512, 49152)]:
+            bench_kernel(*shape)
+
+
+if __name__ == "__main__":
+    main()
