@@ -10,8 +10,9 @@ One training step, top to bottom, in the order this file is written:
   6. the update         num_iterations passes of micro-batched gradient steps              update_policy
   7. metrics            what a step logs, with TRL's names                                  step_metrics
 
-grpo_step does all seven; generate_and_score (steps 1 to 3) and update_policy (4 to 6) are its two halves, as
-TRL's GRPOTrainer splits them. Loading a model, the embedded SmolLM2 included, comes last: it is plumbing.
+grpo_step does all seven in three calls, as TRL's GRPOTrainer splits its step: generate_and_score (steps 1 to
+3), update_policy (4 to 6) and step_metrics (7). Loading a model, the embedded SmolLM2 included, comes last: it
+is plumbing.
 
 The objective (DeepSeekMath, Shao et al. 2024, eq. 3), maximised over theta:
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import numbers
 import os
 import shutil
 import time
@@ -118,9 +120,9 @@ class GRPOConfig:
                 f"num_generations must be at least 2 (got {self.num_generations}): the advantage compares "
                 "each completion with the others of its group, and a group of one has nothing to compare with."
             )
-        if self.generation_batch_size % self.num_generations != 0:
+        if self.generation_batch_size < 1 or self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
-                f"generation_batch_size ({self.generation_batch_size}) must be a multiple of num_generations "
+                f"generation_batch_size ({self.generation_batch_size}) must be a positive multiple of num_generations "
                 f"({self.num_generations}) so the batch splits into whole groups; for example "
                 f"{self.num_generations * max(1, self.generation_batch_size // self.num_generations)}."
             )
@@ -138,6 +140,18 @@ class GRPOConfig:
             raise ValueError(f"epsilon and epsilon_high must be >= 0 (got {self.epsilon}, {self.epsilon_high}).")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (got {self.beta}); it weighs a penalty.")
+        if self.epsilon >= 1:
+            raise ValueError(f"epsilon must be below 1 (got {self.epsilon}): the lower clip is 1 - epsilon, a ratio > 0.")
+        if self.max_prompt_length < 1 or self.max_completion_length < 1:
+            raise ValueError(f"max_prompt_length and max_completion_length must be at least 1 (got "
+                             f"{self.max_prompt_length}, {self.max_completion_length}).")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0 (got {self.top_p}, {self.top_k}); 1 and 0 = off.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1] (got {self.warmup_ratio}): a share of the steps.")
+        if self.max_steps < 0 or self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError(f"max_steps, learning_rate and weight_decay must be >= 0 and max_grad_norm > 0 (got "
+                             f"{self.max_steps}, {self.learning_rate}, {self.weight_decay}, {self.max_grad_norm}).")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,15 +231,16 @@ def compute_rewards(
     per_func = torch.full((len(completions), len(reward_funcs)), float("nan"))  # (B, F)
     for j, func in enumerate(reward_funcs):
         name = getattr(func, "__name__", f"reward_{j}")
-        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        if len(values) != len(completions):
-            raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions.")
+        try:
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except Exception as error:  # a bug in a reward function: say which one, keep its traceback
+            raise RuntimeError(f"reward function {name} raised {type(error).__name__}: {error}") from error
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)[:50]
+            raise ValueError(f"reward function {name} returned {got}; it must return a list of {len(completions)} "
+                             "numbers, one per completion (None for a completion it does not judge).")
         for i, value in enumerate(values):
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                raise ValueError(f"reward function {name} returned {value} for completion {i}; return None to skip one.")
-            per_func[i, j] = float(value)
+            per_func[i, j] = checked_reward(name, i, value)
     unscored = per_func.isnan().all(dim=1)  # (B,)
     if unscored.any():
         raise ValueError(
@@ -234,6 +249,24 @@ def compute_rewards(
         )
     rewards = (per_func * weights).nansum(dim=1)  # (B,) None entries are skipped, not counted as 0
     return rewards, per_func
+
+
+def checked_reward(name: str, i: int, value) -> float:
+    """One reward as a float (NaN for None, "not judged"), or an error that names the function and completion:
+    a reward must be a real number that float32 holds (1e39 would become inf, and every advantage NaN)."""
+    if value is None:
+        return float("nan")
+    if not isinstance(value, numbers.Real):
+        raise ValueError(f"reward function {name} returned {value!r} ({type(value).__name__}) for completion {i}; "
+                         "return a number, or None to skip one.")
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float, like 10**400
+        value = math.inf
+    if not abs(value) <= torch.finfo(torch.float32).max:
+        raise ValueError(f"reward function {name} returned {value} for completion {i}: rewards must be finite and "
+                         "within float32's range (|r| < 3.4e38); return None to skip one.")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,7 +358,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     rows = []
     for row in logits:
         z = row.float()  # (T, V)
-        rows.append(z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1))  # (T,)
+        finite_z = z.masked_fill(z.isneginf(), 0.0)  # a banned token (-inf) has p = 0: its term is 0, not 0 * -inf
+        rows.append(z.logsumexp(-1) - (z.softmax(-1) * finite_z).sum(-1))  # (T,)
     return torch.stack(rows)
 
 
@@ -381,13 +415,17 @@ def grpo_loss(
     # The clipped surrogate. rho = pi_theta / pi_old, computed in log space.
     # Example, epsilon = 0.2, A_hat = +1: rho = 1.5 -> min(1.5, 1.2) = 1.2, a constant: no gradient pushes
     # rho further up. A_hat = -1: rho = 0.5 -> min(-0.5, -0.8) = -0.8, no gradient pushes it further down.
-    rho = torch.exp(per_token_logps - old_per_token_logps)  # (B, T)
-    rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
-    per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
+    log_ratio = per_token_logps - old_per_token_logps  # (B, T)
     # A token is "clipped" where the clip removed its gradient: rho below 1 - epsilon_low with A_hat < 0, or
     # above 1 + epsilon_high with A_hat > 0. With num_iterations = 1, rho = 1 always and nothing is clipped.
-    is_low = (rho.detach() < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
-    is_high = (rho.detach() > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
+    rho_value = torch.exp(log_ratio.detach())  # (B, T)
+    is_low = (rho_value < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
+    is_high = (rho_value > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
+    # Clipped tokens take rho from the detached log-ratio: their gradient is 0 anyway, and this keeps it 0 when
+    # rho overflows (log_ratio = 1e4 would give 0 * inf = NaN through exp's backward).
+    rho = torch.exp(torch.where(is_low | is_high, log_ratio.detach(), log_ratio))  # (B, T)
+    rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
+    per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
 
     # The KL penalty, estimated per token with Schulman's k3 (unbiased, always >= 0; DeepSeekMath eq. 4):
     #   D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
@@ -576,6 +614,12 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
             for k, v in metrics.items():
                 token_sums[k] = token_sums.get(k, 0.0) + v * tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # never write NaN into the weights
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the gradient norm is {float(grad_norm)}, so this step was not applied and the weights are unchanged: "
+                "lower learning_rate, or check the model's dtype and logits."
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,6 @@ if __name__ == "__main__" and not torch.cuda.is_available() and "TRITON_INTERPRE
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 
 def _block_size(V: int) -> int:
@@ -86,17 +85,20 @@ def _grpo_forward_kernel(
         # Online log-sum-exp (Milakov & Gimelshein 2018): after each block, m = max so far and
         # s = sum exp(z - m) so far; when the max grows, the old sum is rescaled by exp(m_old - m_new).
         # zs = sum exp(z - m) * z, rescaled the same way, gives the entropy.
+        # Logits of -inf (banned tokens, and the tail beyond V) count as exp(-inf) = 0, also in a block that holds
+        # nothing else: m stays -inf until a finite logit arrives, and m_safe keeps exp() from seeing -inf + inf.
         m = tl.full([], float("-inf"), tl.float32)  # -inf, not 0: logits may all be very negative
         s = tl.zeros([], tl.float32)
         zs = tl.zeros([], tl.float32)
         for start in range(0, V, BLOCK_V):
             valid = start + cols < V  # the tail block of a V that is not a multiple of BLOCK_V
             z = tl.load(row_ptr + start + cols, mask=valid, other=float("-inf")).to(tl.float32) / temperature
-            m_new = tl.maximum(m, tl.max(z, axis=0))  # finite: every block holds at least one valid column
-            rescale = tl.exp(m - m_new)  # exp(-inf) = 0 on the first block
-            e = tl.where(valid, tl.exp(z - m_new), 0.0)  # <= 1: no overflow even for logits of 1e4
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp(m - m_safe)  # 0 while m = -inf (s and zs are still 0 then)
+            e = tl.exp(z - m_safe)  # <= 1: no overflow even for logits of 1e4; 0 where z = -inf
             s = s * rescale + tl.sum(e, axis=0)
-            zs = zs * rescale + tl.sum(e * tl.where(valid, z, 0.0), axis=0)  # where(): no 0 * -inf = NaN
+            zs = zs * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), axis=0)  # where(): no 0 * -inf = NaN
             m = m_new
         lse = m + tl.log(s)
 
@@ -241,7 +243,11 @@ def fused_per_token_loss(
             f"expected logits (B, T, V) with completion_ids and completion_mask (B, T); got {tuple(logits.shape)}, "
             f"{tuple(completion_ids.shape)}, {tuple(completion_mask.shape)}."
         )
-    if not logits.is_cuda and not isinstance(_grpo_forward_kernel, InterpretedFunction):
+    V = logits.shape[-1]
+    if completion_ids.numel() and (int(completion_ids.min()) < 0 or int(completion_ids.max()) >= V):
+        raise ValueError(f"completion_ids must lie in [0, {V}), the vocabulary of the logits; got ids from "
+                         f"{int(completion_ids.min())} to {int(completion_ids.max())}.")
+    if not logits.is_cuda and isinstance(_grpo_forward_kernel, triton.runtime.JITFunction):  # compiled, not interpreted
         raise ValueError(
             "the fused loss needs the logits on a CUDA device; on a CPU, set TRITON_INTERPRET=1 before importing "
             "kernels (Triton's interpreter, slow) or use grpo.grpo_loss."

@@ -4,6 +4,7 @@ from the papers, a full-batch gradient), never the code against itself. Run: pyt
 import importlib.util
 import math
 import os
+import re
 import statistics
 import time
 
@@ -834,10 +835,271 @@ def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------
+# Bad input and crashes: a clear one-line error, never a traceback, a NaN or lost work.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--save-every", "0"], "--save-every"),
+        (["--sample-every", "0"], "--sample-every"),
+        (["--max-steps", "0"], "--max-steps"),
+        (["--max-steps", "-3"], "max_steps"),
+        (["--generation-batch-size", "0"], "positive multiple of num_generations"),
+        (["--max-prompt-length", "0"], "max_prompt_length"),
+        (["--epsilon", "1"], "epsilon must be below 1"),
+        (["--warmup-ratio", "1.5"], "warmup_ratio must be in [0, 1]"),
+        (["--warmup-ratio", "-0.1"], "warmup_ratio must be in [0, 1]"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    ],
+)
+def test_cli_values_checked_before_any_model_loads(args, message, tmp_path):
+    # The model path does not exist: an error about it would mean the model was loaded before the check.
+    with pytest.raises(SystemExit, match=re.escape(message)) as exit_info:
+        tc.main(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "out"), *args])
+    assert str(exit_info.value).startswith("error: ") and "\n" not in str(exit_info.value)
+
+
+def test_cli_environment_mistakes_are_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cases = [(["--output-dir", str(a_file)], "is not a writable directory"),
+             (["--output-dir", str(a_file / "below")], "is not a writable directory"),
+             (["--device", "tpu9"], "is not a device")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "PyTorch sees no CUDA device"))
+    for args, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            tc.main(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "out"), *args])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "could not read dataset file|has no rows"),
+        ('{"nums": [1, 2], "target": 3}\n{"nums": [1, 2, "target": 3}\n', "could not read dataset file"),
+        ('{"nums": ["3", "4"], "target": 7}\n', "row 0: nums must be a list of 2 to 6 non-negative integers"),
+        ('{"nums": [3, 4], "target": 7}\n{"nums": [-3, 4], "target": 1}\n', "row 1: nums"),
+        ('{"nums": [3.5, 4], "target": 7}\n', "row 0: nums"),
+        ('{"nums": [3], "target": 3}\n', "row 0: nums"),
+        ('{"nums": [3, 4], "target": "7"}\n', "row 0: target must be an integer"),
+        ('{"nums": [3, 4], "target": null}\n', "row 0: target must be an integer"),
+    ],
+)
+def test_bad_dataset_files_are_one_line_errors(content, message, tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        tc.load_countdown(str(path))
+    with pytest.raises(SystemExit, match="error: ") as exit_info:  # the CLI: one line, before the model loads
+        tc.main(["--dataset", str(path), "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o")])
+    assert "\n" not in str(exit_info.value) and "no-model" not in str(exit_info.value)
+
+
+@pytest.mark.parametrize("target, nums", [("7", [3, 4]), (None, [3, 4]), (7, ["3", "4"]), (7, None), (7, [3.5, 4]),
+                                          (7, [[3], 4]), (7.0, 3), (True, [3, 4])])
+def test_rewards_return_zero_on_any_dataset_value(target, nums):
+    completion = "x</think>\n<answer>3 + 4</answer>"
+    assert tc.equation_reward([completion], target=[target], nums=[nums]) == [0.0]
+    assert tc.numbers_reward([completion], nums=[nums]) == ([1.0] if nums == [3, 4] else [0.0])
+
+
+@pytest.mark.parametrize("text", ["<answer>" * 125_000, "<answer>1 + " + "</answe" * 125_000, "<think>" * 150_000,
+                                  "</think>\n<answer>" + "<" * 1_000_000, "1" * 1_000_000])
+def test_rewards_take_linear_time_on_a_megabyte(text):
+    # A regex search for <answer>(.*?)</answer> took 20 s at 160 KB of unclosed openings: quadratic, so hours at
+    # 1 MB. Linear parsing takes milliseconds; the limit only catches the quadratic case.
+    start = time.perf_counter()
+    for prompts in (None, ["...assistant\n<answer>"]):  # Mini-R1's <think> turn, and the answer-only turn
+        for reward in (tc.equation_reward, tc.numbers_reward, tc.format_reward):
+            assert reward([text], target=[7], nums=[[3, 4]], prompts=prompts) == [0.0]
+    assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize(
+    "returns, message",
+    [
+        (None, "reward function bad returned None; it must return a list of 2 numbers"),
+        ([1.0], "reward function bad returned 1 values"),
+        (["good", 1.0], "reward function bad returned 'good' \\(str\\) for completion 0"),
+        ([0.0, 1e39], "reward function bad returned 1e\\+39 for completion 1"),
+        ([10**400, 0.0], "reward function bad returned inf for completion 0"),
+        ([0.0, float("inf")], "reward function bad returned inf for completion 1"),
+    ],
+)
+def test_reward_function_errors_name_the_function_and_completion(returns, message):
+    def bad(completions, **kwargs):
+        return returns
+
+    with pytest.raises(ValueError, match=message):
+        grpo.compute_rewards([bad], ["p", "p"], ["x", "y"], [[1], [2]], {})
+
+
+def test_a_reward_function_that_raises_is_named():
+    def broken(completions, **kwargs):
+        return [1 / 0 for _ in completions]
+
+    with pytest.raises(RuntimeError, match="reward function broken raised ZeroDivisionError"):
+        grpo.compute_rewards([broken], ["p"], ["x"], [[1]], {})
+
+
+def test_overflowing_ratio_gives_zero_gradient_not_nan():
+    # log pi_theta - log pi_old = 1e4: rho overflows to inf. With A_hat > 0 the clip makes the token's gradient 0,
+    # and it must stay 0 (exp's backward would give 0 * inf = NaN); the other tokens keep their gradient.
+    logp = torch.tensor([[1e4, -1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.0, -2.1]])
+    loss, _ = grpo.grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 3), beta=0.0, epsilon_low=0.2,
+                             epsilon_high=0.2, loss_type="dapo")
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 0] == 0
+    expected = [-1.0 / 3, -math.exp(0.1) / 3]  # -A rho / (3 tokens) for the unclipped tokens
+    assert logp.grad[0, 1:].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_non_finite_gradient_stops_before_the_weights_change():
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=4, micro_batch_size=4, max_completion_length=6,
+                          beta=0.0, learning_rate=1e-2)
+    tok, model = tiny_tokenizer(), tiny_model(0)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    model.lm_head.weight.register_hook(lambda grad: grad * float("nan"))  # a finite loss with a NaN gradient
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def varied(completion_ids, **kwargs):  # distinct rewards: the step has a signal
+        return [float(i) for i in range(len(completion_ids))]
+
+    with pytest.raises(FloatingPointError, match="gradient norm is nan, so this step was not applied"):
+        grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, ["b c"], [varied], cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@needs_triton
+def test_kernel_matches_reference_with_banned_tokens():
+    # A vocabulary block whose logits are all -inf (a banned-token mask) and scattered -inf elsewhere: the
+    # online log-sum-exp must count them as 0, not turn them into NaN or a wrong loss.
+    logits, ids, old, ref, adv, mask = kernel_inputs(2, 3, 5000, torch.float32, seed=6)
+    logits[:, :, :4096] = float("-inf")  # the whole first block of BLOCK_V = 4096
+    logits[0, 0, 4500:4600] = float("-inf")
+    ids = torch.randint(4600, 5000, ids.shape, generator=torch.Generator().manual_seed(0))  # sampled tokens are finite
+    exact = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, ids[..., None]).squeeze(-1).float()
+    old, ref = exact + 0.1, exact - 0.1
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo")
+    loss, grad, metrics = run_kernel(logits, ids, old, ref, adv, mask, 0.7, 0.04, "grpo")
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert relative_error(grad, expected_grad) < 1e-5
+    H = grpo.masked_mean(grpo.entropy_from_logits(logits / 0.7), mask.float()).item()
+    assert math.isfinite(H) and metrics["entropy"] == pytest.approx(H, rel=1e-5)
+
+
+@needs_triton
+def test_kernel_rejects_token_ids_outside_the_vocabulary():
+    import kernels
+
+    logits, ids, old, ref, adv, mask = kernel_inputs(2, 3, 1000, torch.float32, seed=7)
+    for bad in (1000, -1):
+        ids_bad = ids.clone()
+        ids_bad[1, 2] = bad
+        with pytest.raises(ValueError, match=r"completion_ids must lie in \[0, 1000\)"):
+            kernels.fused_per_token_loss(logits, ids_bad, old, ref, adv, mask, temperature=0.7, beta=0.04,
+                                         epsilon_low=0.2, epsilon_high=0.28)
+
+
+@needs_triton
+def test_kernel_uses_a_fractional_mask_as_weights_like_the_reference():
+    logits, ids, old, ref, adv, mask = kernel_inputs(3, 4, 1000, torch.float32, seed=8)
+    weights = mask.float() * torch.tensor([1.0, 0.5, 0.25, 0.0])  # (B, T) fractional token weights
+    expected_loss, expected_grad = reference_from_logits_float64(logits, ids, old, ref, adv, weights, 0.7, 0.04, "dapo")
+    loss, grad, _ = run_kernel(logits, ids, old, ref, adv, weights, 0.7, 0.04, "dapo")
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert relative_error(grad, expected_grad) < 1e-5
+
+
+def tiny_run(model, out, *extra):
+    """train_countdown on the tiny stand-in model: fast, offline, a checkpoint every step."""
+    return ["--model", model, "--output-dir", str(out), "--eval-size", "4", "--save-every", "1",
+            "--max-completion-length", "6", "--learning-rate", "1e-2", "--device", "cpu", *extra]
+
+
+def test_resume_survives_a_damaged_or_missing_metrics_file(tiny_countdown_model, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    tc.main(tiny_run(tiny_countdown_model, straight, "--max-steps", "3"))
+    tc.main(tiny_run(tiny_countdown_model, split, "--max-steps", "2"))
+    metrics = split / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])  # the last line cut short, as by a crash mid-write
+    tc.main(tiny_run(tiny_countdown_model, split, "--max-steps", "3", "--resume"))
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [h["step"] for h in lines] == [1, 3]  # step 2's line was lost with the crash; nothing is repeated
+    expected = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["reward"] == expected[2]["reward"]
+    metrics.unlink()
+    tc.main(tiny_run(tiny_countdown_model, split, "--max-steps", "4", "--resume"))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [4]
+
+
+def test_damaged_checkpoint_is_named_and_a_crash_mid_save_leaves_one_whole(tiny_countdown_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1"))
+    # A crash between the two renames of save_checkpoint: the new checkpoint is written, the old one moved aside.
+    real_rename = type(out).rename
+
+    def crash_on_second_rename(self, target):
+        if self.name == "checkpoint.tmp":
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", crash_on_second_rename)
+    with pytest.raises(SystemExit, match="interrupted"):
+        tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2", "--resume"))
+    monkeypatch.undo()
+    assert not (out / "checkpoint").exists() and (out / "checkpoint.old" / "trainer_state.pt").exists()
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2", "--resume"))  # resumes from checkpoint.old
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    (out / "checkpoint" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    done = subprocess.run([sys.executable, "train_countdown.py", *tiny_run(tiny_countdown_model, out, "--max-steps", "3", "--resume")],
+                          capture_output=True, text=True, cwd=HERE)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "trainer_state.pt is damaged" in done.stderr and "there is no older one" in done.stderr
+
+
+def test_ctrl_c_during_a_step_then_resume_loses_and_repeats_nothing(tiny_countdown_model, tmp_path):
+    import signal
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    tc.main(tiny_run(tiny_countdown_model, straight, "--max-steps", "6"))
+    # A real SIGINT, as Ctrl-C sends. SIGINT at its default in the child: a process started in the background
+    # by a non-interactive shell (as CI may start this test) inherits SIGINT ignored.
+    child = subprocess.Popen([sys.executable, "train_countdown.py", *tiny_run(tiny_countdown_model, split, "--max-steps", "6")],
+                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    metrics = split / "metrics.jsonl"
+    deadline = time.monotonic() + 600  # a guard against a hang only
+    while child.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            child.send_signal(signal.SIGINT)  # during step 3 (or the save of step 2)
+            break
+        time.sleep(0.01)
+    _, stderr = child.communicate(timeout=600)
+    assert child.returncode != 0 and "interrupted" in stderr and "Traceback" not in stderr
+    tc.main(tiny_run(tiny_countdown_model, split, "--max-steps", "6", "--resume"))
+    got = [json.loads(line) for line in metrics.read_text().splitlines()]
+    expected = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in got] == [1, 2, 3, 4, 5, 6]
+    assert [h["reward"] for h in got] == [h["reward"] for h in expected]
+
+
+def test_a_run_without_signal_says_so(tiny_countdown_model, tmp_path, capsys):
+    # Targets no equation over the numbers reaches: every reward is 0 in every group, so no step has a gradient.
+    data = tmp_path / "impossible.jsonl"
+    data.write_text("".join(json.dumps({"nums": [1, 1], "target": 1000 + i}) + "\n" for i in range(40)))
+    tc.main(tiny_run(tiny_countdown_model, tmp_path / "out", "--dataset", str(data), "--max-steps", "3"))
+    assert "frac_reward_zero_std = 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
 # notebooks/: each one runs top to bottom and draws its figures. The cell limit only catches a hang: how fast a
 # notebook runs depends on the machine, and no test may.
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 1), ("03_fused_loss", 1)])
+@pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 2), ("03_fused_loss", 2)])
 def test_notebook_runs(name, figures):
     import nbformat
     from nbclient import NotebookClient

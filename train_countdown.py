@@ -3,7 +3,7 @@
 Countdown: given numbers (say 19, 36, 55, 7) and a target (65), write an equation that uses each number exactly
 once with + - * / and equals the target: 55 + 36 - 7 - 19. The reward is checkable, so no reward model is needed.
 
-    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~14 min on a 2-core CPU
+    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~13 min on a 2-core CPU
     python train_countdown.py --preset mini-r1     # Qwen2.5-3B-Instruct, the Mini-R1 tutorial, one 80 GB GPU
     python train_countdown.py --help               # every GRPOConfig field can be overridden: --learning-rate 1e-6
 
@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import json
 import operator
+import os
 import random
 import re
 import shutil
@@ -123,7 +124,13 @@ def load_countdown(name_or_path: str):
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise ValueError(f"dataset file {path} does not exist; give a .jsonl or .parquet file with columns nums and target.")
-        data = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+        try:
+            data = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+        except Exception as error:  # malformed JSON, not a parquet file, an empty file
+            cause = error.__cause__ or error
+            first_line = (str(cause).strip() or type(cause).__name__).splitlines()[0][:200]
+            raise ValueError(f"could not read dataset file {path} ({type(error).__name__}: {first_line}); it must be "
+                             "JSON lines or parquet with columns nums and target.") from None
     else:
         try:
             data = load_dataset(name_or_path, split="train")
@@ -135,7 +142,22 @@ def load_countdown(name_or_path: str):
     missing = {"nums", "target"} - set(data.column_names)
     if missing:
         raise ValueError(f"dataset {name_or_path!r} lacks the column(s) {sorted(missing)}; it needs nums and target.")
-    return data.select_columns(["nums", "target"])
+    data = data.select_columns(["nums", "target"])
+    check_problems(data["nums"], data["target"], name_or_path)
+    return data
+
+
+def check_problems(nums: list, targets: list, name: str) -> None:
+    """Every row a Countdown problem: nums a list of 2 to 6 non-negative integers, target an integer. A
+    bad row would otherwise train at reward 0 without a word, or stop a run midway."""
+    if not nums:
+        raise ValueError(f"dataset {name!r} has no rows.")
+    for row, (n, t) in enumerate(zip(nums, targets)):
+        if not (isinstance(n, list) and 2 <= len(n) <= 6 and all(type(x) is int and x >= 0 for x in n)):
+            raise ValueError(f"dataset {name!r}, row {row}: nums must be a list of 2 to 6 non-negative integers, "
+                             f"got {n!r}.")
+        if type(t) is not int:
+            raise ValueError(f"dataset {name!r}, row {row}: target must be an integer, got {t!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,7 +203,6 @@ def make_prompt(tokenizer, nums, target, style: str = "mini-r1") -> str:
 # ----------------------------------------------------------------------------------------------------
 THINK_FORMAT = re.compile(r"^<think>([^<]*(?:<(?!/?think>)[^<]*)*)</think>\n<answer>([\s\S]*?)</answer>$")
 ANSWER_FORMAT = re.compile(r"^<answer>([\s\S]*?)</answer>$")
-ANSWER = re.compile(r"<answer>([\s\S]*?)</answer>")
 MAX_EXPRESSION_CHARS = 200  # before parsing: ast.parse of 10^5 nested parentheses would exhaust the stack
 MAX_LITERAL = 10**6  # no literal beyond this: keeps every value small (there is no ** to build towers)
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -236,18 +257,27 @@ def safe_eval(expression: str) -> tuple[Fraction, list[int]] | None:
 
 def parse_answer(turn: str) -> tuple[Fraction, list[int]] | None:
     """The value of the first <answer> block's expression and the integers it uses (safe_eval); None when there
-    is no answer block or it holds no valid expression."""
-    match = ANSWER.search(turn)
-    return safe_eval(match.group(1)) if match else None
+    is no answer block or it holds no valid expression. Two str.find calls: time linear in the text's length
+    (a regex search for <answer>(.*?)</answer> rescans the rest of the text from every unclosed opening)."""
+    start = turn.find("<answer>")
+    end = turn.find("</answer>", start + len("<answer>")) if start >= 0 else -1
+    return safe_eval(turn[start + len("<answer>") : end]) if end >= 0 else None
+
+
+def is_problem(numbers, goal) -> bool:
+    """Whether (nums, target) is a Countdown problem a reward can judge: the rewards see every value a dataset
+    may hold, and score anything else 0 instead of raising."""
+    return (isinstance(numbers, (list, tuple)) and all(type(n) is int for n in numbers)
+            and isinstance(goal, (int, Fraction)) and not isinstance(goal, bool))
 
 
 def equation_reward(completions, target, nums, prompts=None, **kwargs) -> list[float]:
     """1.0 when the first <answer> holds an expression that uses each number of nums exactly once and equals
-    target (within 1e-5), else 0.0."""
+    target exactly, else 0.0."""
     rewards = []
     for turn, goal, numbers in zip(assistant_turns(completions, prompts), target, nums):
-        result = parse_answer(turn)
-        right = result is not None and sorted(result[1]) == sorted(numbers) and abs(result[0] - goal) < 1e-5
+        result = parse_answer(turn) if is_problem(numbers, goal) else None
+        right = result is not None and sorted(result[1]) == sorted(numbers) and result[0] == goal
         rewards.append(1.0 if right else 0.0)
     return rewards
 
@@ -262,7 +292,7 @@ def numbers_reward(completions, nums, prompts=None, **kwargs) -> list[float]:
     gradient (README.md, "Why the CPU preset is shaped this way")."""
     rewards = []
     for turn, numbers in zip(assistant_turns(completions, prompts), nums):
-        result = parse_answer(turn)
+        result = parse_answer(turn) if is_problem(numbers, 0) else None
         if result is None or len(result[1]) < 2:
             rewards.append(0.0)
             continue
@@ -314,7 +344,35 @@ def build_config(args) -> tuple[dict, grpo.GRPOConfig]:
             preset[key] = tuple(args.num_numbers) if key == "num_numbers" else getattr(args, key)
     if not all(2 <= n <= 6 for n in preset["num_numbers"]) or preset["max_number"] < 1 or preset["eval_size"] < 1:
         raise ValueError("--num-numbers takes values from 2 to 6, and --max-number and --eval-size must be at least 1.")
+    if cfg.max_steps < 1 or args.save_every < 1 or args.sample_every < 1:
+        raise ValueError(f"--max-steps, --save-every and --sample-every must be at least 1 (got {cfg.max_steps}, "
+                         f"{args.save_every}, {args.sample_every}).")
     return preset, cfg
+
+
+def check_device(name: str | None) -> str:
+    """The device to train on: --device if given and usable, else cuda when there is one, else cpu."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device; use cuda, cuda:N or cpu.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but PyTorch sees no CUDA device here; leave out --device or use cpu.")
+    return name
+
+
+def check_output_dir(out: Path) -> None:
+    """--output-dir must be a directory this process can write (made if missing), checked before any loading."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--output-dir {out} is not a writable directory ({error.strerror or error}); "
+                         "choose another with --output-dir.") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,18 +455,38 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int
     shutil.rmtree(old, ignore_errors=True)
 
 
+def find_checkpoint(out: Path) -> Path:
+    """out/checkpoint, or out/checkpoint.old when a crash came in the middle of save_checkpoint's swap."""
+    path, old = out / "checkpoint", out / "checkpoint.old"
+    if not (path / "trainer_state.pt").exists() and (old / "trainer_state.pt").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        old.rename(path)
+        print(f"resuming from {old}, the checkpoint a crash left while the next one was being swapped in")
+    if not (path / "trainer_state.pt").exists():
+        raise ValueError(f"--resume: no checkpoint in {path}; run once without --resume first.")
+    return path
+
+
 def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> int:
     """The inverse of save_checkpoint: weights, optimizer, scheduler and RNG states back in place; returns the
     step it was saved at."""
-    path = out / "checkpoint"
+    path = find_checkpoint(out)
+    damaged = ("is damaged ({}); each save replaces the previous checkpoint, so there is no older one: start "
+               "again without --resume (or with another --output-dir).")
     # Through from_pretrained, which reads sharded checkpoints (a 3B model's is), then a strict copy: a
     # checkpoint of another model is an error, not a silent partial load.
-    saved, _ = grpo.load_model_and_tokenizer(str(path), dtype=next(model.parameters()).dtype)
+    try:
+        saved, _ = grpo.load_model_and_tokenizer(str(path), dtype=next(model.parameters()).dtype)
+    except Exception as error:
+        raise ValueError(f"the model in {path} " + damaged.format(str(error).splitlines()[0][:200])) from None
     try:
         model.load_state_dict(saved.state_dict())
     except RuntimeError as error:
         raise ValueError(f"{path} is not a checkpoint of {model_name}: {str(error)[:300]}") from None
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+    except Exception as error:  # truncated, overwritten, not a torch file
+        raise ValueError(f"{path / 'trainer_state.pt'} " + damaged.format(f"{type(error).__name__}: {error}"[:200])) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -416,16 +494,48 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> 
     return state["step"]
 
 
+def read_history(path: Path, step: int) -> list[dict]:
+    """The metrics of steps 1..step from metrics.jsonl, for a resume from a checkpoint of that step. Lines a crash
+    cut short, and steps after the checkpoint (they will run again), are dropped, and said so."""
+    if not path.exists():
+        print(f"{path} is missing: the curves will start at step {step + 1}")
+        return []
+    history, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if record.get("step", step + 1) <= step:
+            history.append(record)
+        else:
+            dropped += 1
+    if dropped:
+        print(f"{path}: dropped {dropped} line(s) after the checkpoint's step {step} or cut short by the crash; "
+              f"kept {len(history)}")
+    return history
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------------
+NO_SIGNAL_STEPS = 3
+NO_SIGNAL_WARNING = (
+    "warning: in each of the first {n} steps, every group's rewards were all equal (frac_reward_zero_std = 1), so "
+    "every advantage was 0 and no step had a signal to learn from. The problems are too hard for this model (all "
+    "rewards 0), too easy (all the same), or cannot be solved: check the dataset, or try easier problems, a larger "
+    "--num-generations, or a graded reward."
+)
+
+
 def train(args) -> dict:
-    preset, cfg = build_config(args)
+    preset, cfg = build_config(args)  # every value checked before anything is loaded
     out = Path(args.output_dir)
-    if args.resume and not (out / "checkpoint" / "trainer_state.pt").exists():
-        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoint'}; run once without --resume first.")
-    out.mkdir(parents=True, exist_ok=True)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output_dir(out)
+    device = check_device(args.device)
+    if args.resume:
+        find_checkpoint(out)
     random.seed(cfg.seed)
 
     prompts_per_step = cfg.generation_batch_size // cfg.num_generations
@@ -442,9 +552,12 @@ def train(args) -> dict:
     start_step, history, evals = 0, [], {}
     if args.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler, preset["model"])
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:start_step]
+        history = read_history(out / "metrics.jsonl", start_step)
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
+        try:
+            evals = json.loads((out / "eval.json").read_text())
+        except (OSError, json.JSONDecodeError):  # missing or cut short: the accuracy before is measured again
+            evals = {}
         print(f"resumed from step {start_step}")
     else:
         for name in ("metrics.jsonl", "samples.txt"):
@@ -469,6 +582,8 @@ def train(args) -> dict:
             f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", equation=f"{metrics['rewards/equation_reward']:.2f}",
                         len=f"{metrics['completion_length']:.0f}")
+        if step + 1 == NO_SIGNAL_STEPS and all(h["frac_reward_zero_std"] == 1 for h in history[:NO_SIGNAL_STEPS]):
+            tqdm.write(NO_SIGNAL_WARNING.format(n=NO_SIGNAL_STEPS), file=sys.stderr)
         plot_curves(history, out / "curves.png", reward_names)
         if (step + 1) % args.sample_every == 0 or step == start_step:
             write_samples(out / "samples.txt", step + 1, rows[0], rollouts, reward_names, cfg.num_generations,
@@ -497,8 +612,10 @@ def main(argv=None):
         train(args)
     except (ValueError, FileNotFoundError) as error:  # a user's mistake: one line, no traceback
         sys.exit(f"error: {error}")
+    except FloatingPointError as error:  # the weights are as the last step left them; the checkpoint is whole
+        sys.exit(f"error: {error} Continue from the last checkpoint with --resume and a lower --learning-rate.")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted: continue from the last checkpoint with --resume --output-dir {args.output_dir}")
+        sys.exit(f"interrupted: the last checkpoint is whole; continue from it with --resume --output-dir {args.output_dir}")
 
 
 if __name__ == "__main__":
