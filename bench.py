@@ -1,14 +1,19 @@
 """Benchmarks that print a table. Speed lives here, not in the tests: it depends on the machine.
 
+    python bench.py step       # one GRPO step of the embedded model, by phase: plain, shared prompt, bfloat16
     python bench.py kernel     # the fused GRPO loss against the eager reference, torch.compile and Liger (GPU)
 
-Each row is the median of many runs timed with CUDA events after warm-ups; BENCHMARKS.md keeps the tables with
-the date, the device and the versions.
+`step` times whole GRPO steps (median after a warm-up step) with the host clock; `kernel` times many runs with
+CUDA events after warm-ups. BENCHMARKS.md keeps the tables with the date, the device and the versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
+import platform
+import statistics
 
 import torch
 
@@ -118,10 +123,87 @@ def bench_kernel(B, T, V, dtype=torch.bfloat16, repeats=20):
     return rows
 
 
+def step_settings():
+    """(name, GRPOConfig, forced completion length or None) of the two step benchmarks."""
+    import train_countdown as tc
+
+    preset = tc.PRESETS["cpu"]["config"]
+    comparison = dict(preset, generation_batch_size=32, micro_batch_size=16, max_completion_length=64, beta=0.04,
+                      loss_type="grpo", learning_rate=1e-6)  # TRL's comparison setting: 4 prompts x G = 8
+    return [("the CPU preset (2 prompts x G = 8, completions up to 20 tokens)", grpo.GRPOConfig(**preset), None),
+            ("4 prompts x G = 8, exactly 64 completion tokens, beta 0.04", grpo.GRPOConfig(**comparison), 64)]
+
+
+def bench_step(cfg, forced_length, share_prompt, bf16, steps):
+    """Seconds per phase of `steps` GRPO steps of the embedded model on Countdown prompts, after one warm-up step:
+    {phase: median}."""
+    import dataclasses
+
+    import train_countdown as tc
+
+    cfg = dataclasses.replace(cfg, share_prompt=share_prompt, bf16=bf16)
+    model, tokenizer = grpo.load_model_and_tokenizer()
+    if forced_length:  # every completion exactly this long: EOS is held back until then
+        model.generate = functools.partial(model.generate, min_new_tokens=forced_length)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    preset = tc.PRESETS["cpu"]
+    data = tc.generate_dataset(64, seed=1, num_numbers=preset["num_numbers"], max_number=preset["max_number"])
+    funcs = [tc.REWARD_FUNCS[name] for name in preset["rewards"]]
+    per_step = cfg.generation_batch_size // cfg.num_generations
+    times = []
+    for step in range(steps + 1):
+        rows = data.select(range(step * per_step, (step + 1) * per_step))
+        prompts = [tc.make_prompt(tokenizer, n, t, preset["style"]) for n, t in zip(rows["nums"], rows["target"])]
+        m, _ = grpo.grpo_step(model, ref_model, tokenizer, optimizer, scheduler, prompts, funcs, cfg,
+                              columns={"nums": rows["nums"], "target": rows["target"]})
+        times.append({"generation": m["gen_time"], "pi_ref": m["logps_time"],
+                      "update": m["train_time"] - m["logps_time"], "step": m["step_time"]})
+    return {phase: statistics.median(t[phase] for t in times[1:]) for phase in times[0]}
+
+
+def cpu_name() -> str:
+    """The CPU's model name where the system says it (Linux), else what the platform module knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def step_table(steps=3):
+    import train_countdown as tc
+
+    native, why = tc.cpu_bf16("cpu")
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16: {'yes' if native else 'no'} ({why}); "
+          f"torch {torch.__version__}")
+    for name, cfg, forced in step_settings():
+        rows = []
+        for label, share, bf16 in [("(a) plain, float32", False, False), ("(b) shared prompt, float32", True, False),
+                                   ("(c) shared prompt, bfloat16", True, True)]:
+            if bf16 and not native:
+                print(f"{label}: skipped, this CPU has no native bfloat16 (emulated, it would take hours)")
+                continue
+            rows.append((label, bench_step(cfg, forced, share, bf16, steps)))
+        print(f"\n{name}: seconds per step, median of {steps} steps after a warm-up step")
+        print("| variant | generation | pi_ref | update | whole step | x (a) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, t in rows:
+            print(f"| {label} | {t['generation']:.2f} | {t['pi_ref']:.2f} | {t['update']:.2f} | {t['step']:.2f} | "
+                  f"{rows[0][1]['step'] / t['step']:.1f} |")
+        print("TRL's GRPOTrainer at this setting: not run (trl is not installed)." if importlib.util.find_spec("trl")
+              is None else "TRL's GRPOTrainer at this setting: not yet part of this benchmark.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernel"], help="which benchmark")
+    parser.add_argument("what", choices=["step", "kernel"], help="which benchmark")
+    parser.add_argument("--steps", type=int, default=3, help="step: timed steps per variant, after a warm-up step")
     args = parser.parse_args(argv)
+    if args.what == "step":
+        step_table(args.steps)
     if args.what == "kernel":
         if not torch.cuda.is_available():
             raise SystemExit("bench.py kernel times the Triton kernel on a CUDA GPU; on a CPU, `python kernels.py` "

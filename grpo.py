@@ -70,6 +70,9 @@ class GRPOConfig:
         default=512, metadata={"help": "longer prompts are cut from the left, keeping their end"}
     )
     max_completion_length: int = field(default=256, metadata={"help": "tokens sampled per completion at most"})
+    share_prompt: bool = field(
+        default=True, metadata={"help": "encode each prompt once per group, not G times (same numbers, less compute)"}
+    )
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "DAPO: completions that hit the length limit get no loss"}
     )
@@ -82,7 +85,7 @@ class GRPOConfig:
         default=None, metadata={"help": "upper clip, rho <= 1 + epsilon_high (DAPO's clip-higher); default epsilon"}
     )
     loss_type: str = field(
-        default="grpo", metadata={"help": "how per-token losses are averaged: grpo, dapo, dr_grpo or bnpo (token_weights)"}
+        default="grpo", metadata={"help": "how per-token losses are averaged: grpo, dapo, dr_grpo or bnpo"}
     )
     scale_rewards: str = field(
         default="group", metadata={"help": "divide advantages by the std of the group, the batch, or none"}
@@ -105,7 +108,7 @@ class GRPOConfig:
         default=False, metadata={"help": "recompute activations in backward: less memory, more time"}
     )
     bf16: bool = field(
-        default=False, metadata={"help": "on CUDA: bfloat16 matmuls (autocast) with float32 weights, a bfloat16 pi_ref"}
+        default=False, metadata={"help": "bfloat16 matmuls (autocast), float32 weights; a CPU gains only with native bf16"}
     )
     use_fused_loss: bool = field(
         default=True, metadata={"help": "on CUDA: the fused Triton loss of kernels.py instead of the PyTorch one"}
@@ -141,7 +144,7 @@ class GRPOConfig:
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (got {self.beta}); it weighs a penalty.")
         if self.epsilon >= 1:
-            raise ValueError(f"epsilon must be below 1 (got {self.epsilon}): the lower clip is 1 - epsilon, a ratio > 0.")
+            raise ValueError(f"epsilon must be below 1 (got {self.epsilon}): the lower clip 1 - epsilon is a ratio > 0.")
         if self.max_prompt_length < 1 or self.max_completion_length < 1:
             raise ValueError(f"max_prompt_length and max_completion_length must be at least 1 (got "
                              f"{self.max_prompt_length}, {self.max_completion_length}).")
@@ -165,17 +168,30 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     # Left padding puts every prompt's last token in the same column, so completions start together; cutting
     # columns from the left keeps the end of an over-long prompt (where the question is).
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids = enc["input_ids"][:, -cfg.max_prompt_length :].repeat_interleave(G, dim=0)  # (B, P)
-    prompt_mask = enc["attention_mask"][:, -cfg.max_prompt_length :].repeat_interleave(G, dim=0)  # (B, P)
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    unique_ids = enc["input_ids"][:, -cfg.max_prompt_length :].to(device)  # (num_prompts, P)
+    unique_mask = enc["attention_mask"][:, -cfg.max_prompt_length :].to(device)  # (num_prompts, P)
+    prompt_ids = unique_ids.repeat_interleave(G, dim=0)  # (B, P)
+    prompt_mask = unique_mask.repeat_interleave(G, dim=0)  # (B, P)
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(G)  # (B,) which prompt each row has
     eos_ids = eos_token_ids(model, tokenizer)
 
     was_training = model.training
     model.eval()
+    cache = None
+    if cfg.share_prompt and unique_ids.shape[1] > 1:
+        # Prefill each distinct prompt once, all but its last token, at the positions generate gives them (counted
+        # over the unpadded tokens), then copy its keys and values to its G rows. generate then runs the last prompt
+        # token and the decoding, row by row: the same distribution as G separate prefills, at 1/G of their cost.
+        position_ids = (unique_mask.cumsum(dim=1) - 1).masked_fill(unique_mask == 0, 0)  # (num_prompts, P)
+        cache = model(input_ids=unique_ids[:, :-1], attention_mask=unique_mask[:, :-1],
+                      position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1
+                      ).past_key_values  # per layer (num_prompts, heads, P-1, d)
+        cache.batch_repeat_interleave(G)  # per layer (B, heads, P-1, d)
     sequences = model.generate(  # (B, P + T), the KV cache makes this linear in T
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
+        past_key_values=cache,
         do_sample=True,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
@@ -203,6 +219,7 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     return dict(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
+        prompt_index=prompt_index,
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         is_truncated=is_truncated,
@@ -373,14 +390,44 @@ def completion_logits(model, input_ids, attention_mask, num_completion_tokens: i
     return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
 
 
+def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index):
+    """completion_logits with each distinct prompt of the micro-batch encoded once (Prefix Grouper, Liu et al.
+    2025): the same logits, and the same gradients, as the b separate rows.
+
+    The prompt's keys and values are computed once, then indexed out to each of its rows. Indexing is a copy in
+    the forward pass and a sum in the backward: the gradient that reaches a prompt's keys and values is the sum
+    over its rows, exactly what the b copies of the prompt would have received. Positions and masks are those of
+    the plain path, so every attention score is the same number. Rows of a group may be split over micro-batches.
+    """
+    groups, row_group = torch.unique(prompt_index, return_inverse=True)  # (u,) distinct prompts, (b,) which one
+    rows = torch.arange(len(row_group), device=groups.device)  # (b,)
+    first_row = torch.zeros_like(groups).scatter_(0, row_group, rows)  # (u,) a row of each prompt
+    prefix = model(input_ids=prompt_ids[first_row, :-1], attention_mask=prompt_mask[first_row, :-1], use_cache=True,
+                   logits_to_keep=1)  # the prompts but their last token: per layer (u, heads, P-1, d)
+    cache = prefix.past_key_values
+    cache.batch_select_indices(row_group)  # per layer (b, heads, P-1, d): each row gets its prompt's keys, values
+    input_ids = torch.cat([prompt_ids[:, -1:], completion_ids[:, :-1]], dim=1)  # (b, T): q's last token, o_<T
+    attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)  # (b, P + T - 1)
+    return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
+
+
+def rows_logits(model, batch: dict, rows: torch.Tensor, share_prompt: bool) -> torch.Tensor:
+    """The (b, T, V) logits that score the completions `rows` of the batch: with the shared prompt, or plainly."""
+    if share_prompt and batch["prompt_ids"].shape[1] > 1:
+        return shared_prompt_logits(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                    batch["completion_ids"][rows], batch["completion_mask"][rows],
+                                    batch["prompt_index"][rows])  # (b, T, V)
+    input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
+    attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
+    return completion_logits(model, input_ids, attention_mask, batch["completion_ids"].shape[1])  # (b, T, V)
+
+
 @torch.no_grad()
-def per_token_logps(model, batch: dict, temperature: float, micro_batch_size: int) -> torch.Tensor:
+def per_token_logps(model, batch: dict, temperature: float, micro_batch_size: int, share_prompt: bool = False):
     """log pi(o_t | ...) for every completion token, without gradient, micro-batch by micro-batch. -> (B, T)"""
     out = []
     for rows in torch.arange(batch["completion_ids"].shape[0]).split(micro_batch_size):
-        input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
-        attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
-        logits = completion_logits(model, input_ids, attention_mask, batch["completion_ids"].shape[1])  # (b, T, V)
+        logits = rows_logits(model, batch, rows, share_prompt)  # (b, T, V)
         out.append(selective_log_softmax(logits / temperature, batch["completion_ids"][rows]))  # (b, T)
     return torch.cat(out)  # (B, T)
 
@@ -520,7 +567,16 @@ def setup(model, cfg: GRPOConfig):
     fused = use_fused_loss(cfg, next(model.parameters()).device)
     print(f"GRPO loss: {'the fused Triton loss (kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}",
           flush=True)
+    if cfg.share_prompt and not shares_prompt(cfg):
+        print("share_prompt: sampling only; the log-prob passes encode the prompt G times under gradient "
+              "checkpointing, which turns transformers' KV cache off.", flush=True)
     return ref_model, optimizer, scheduler
+
+
+def shares_prompt(cfg: GRPOConfig) -> bool:
+    """The shared prompt in the log-prob passes, unless gradient checkpointing is on: transformers turns the KV
+    cache off under it, so there would be no prompt keys and values to share (sampling still shares)."""
+    return cfg.share_prompt and not cfg.gradient_checkpointing
 
 
 def use_fused_loss(cfg: GRPOConfig, device) -> bool:
@@ -529,19 +585,18 @@ def use_fused_loss(cfg: GRPOConfig, device) -> bool:
 
 
 def autocast(model, cfg: GRPOConfig):
-    """bfloat16 matmuls on CUDA when cfg.bf16. The weights stay float32: a bf16 weight cannot take an update
-    below 2^-8 of itself, and Mini-R1's learning rate of 5e-7 is far below that."""
+    """bfloat16 matmuls when cfg.bf16, on CUDA or the CPU. The weights stay float32: a bf16 weight cannot take an
+    update below 2^-8 of itself, and Mini-R1's learning rate of 5e-7 is far below that. On a CPU without native
+    bfloat16 (AVX2 only) bfloat16 is emulated, about a hundred times slower than float32: leave it off there."""
     device = next(model.parameters()).device
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
 def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     """Steps 4 and 5 for the completions `rows` of the batch, with gradient: the loss and its metrics, on the
     fused kernel or the PyTorch reference (the same numbers)."""
-    input_ids = torch.cat([batch["prompt_ids"][rows], batch["completion_ids"][rows]], dim=1)  # (b, P+T)
-    attention_mask = torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1)  # (b, P+T)
     completion_ids, mask = batch["completion_ids"][rows], batch["completion_mask"][rows]  # (b, T) each
-    logits = completion_logits(model, input_ids, attention_mask, completion_ids.shape[1])  # (b, T, V)
+    logits = rows_logits(model, batch, rows, shares_prompt(cfg))  # (b, T, V)
     old = batch["old_per_token_logps"][rows] if batch["old_per_token_logps"] is not None else None  # (b, T)
     ref = batch["ref_per_token_logps"][rows] if batch["ref_per_token_logps"] is not None else None  # (b, T)
     A_hat = batch["advantages"][rows]  # (b,)
@@ -578,7 +633,7 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
     """Steps 4 to 6 on a scored batch (generate_and_score's): the fixed log-probs, then num_iterations passes
     of micro-batched gradient accumulation, each ending in one optimiser step. Returns the update's metrics:
     the full batch's loss and its two parts (mean over passes), the other loss metrics as token-weighted
-    means, grad_norm (of the last pass), learning_rate and train_time."""
+    means, grad_norm (of the last pass), learning_rate, and the seconds: train_time, of which logps_time."""
     start = time.perf_counter()
     mask = batch["completion_mask"]  # (B, T)
     B, mb = mask.shape[0], cfg.micro_batch_size
@@ -586,12 +641,14 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
     # 4. Log-probs that stay fixed during the step: pi_old (only needed when it differs from pi_theta, that is
     # when the batch is reused, num_iterations > 1) and pi_ref (only when there is a KL term).
     with autocast(model, cfg):
+        share = shares_prompt(cfg)
         batch["old_per_token_logps"] = (
-            per_token_logps(model, batch, cfg.temperature, mb) if cfg.num_iterations > 1 else None
+            per_token_logps(model, batch, cfg.temperature, mb, share) if cfg.num_iterations > 1 else None
         )  # (B, T)
         batch["ref_per_token_logps"] = (
-            per_token_logps(ref_model, batch, cfg.temperature, mb) if cfg.beta != 0 else None
+            per_token_logps(ref_model, batch, cfg.temperature, mb, share) if cfg.beta != 0 else None
         )  # (B, T)
+    logps_time = time.perf_counter() - start
 
     # 5, 6. mu passes; each accumulates the gradient of the whole batch over micro-batches, then steps.
     model.train()
@@ -630,6 +687,7 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
         **{k: v / passes_tokens for k, v in token_sums.items()},
         "grad_norm": float(grad_norm),
         "learning_rate": scheduler.get_last_lr()[0],
+        "logps_time": logps_time,  # step 4's passes of pi_ref (and pi_old), part of train_time
         "train_time": time.perf_counter() - start,
     }
 

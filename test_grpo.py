@@ -764,7 +764,7 @@ def test_readme_minimal_loop_runs_as_written():
         (["--dataset", "/no/such/file.jsonl"], "does not exist"),
         (["--model", "/no/such/model", "--max-steps", "1"], "Could not load model"),
         (["--num-numbers", "0"], "--num-numbers takes values from 2 to 6"),
-        (["--bf16", "maybe"], "expected true or false"),
+        (["--bf16", "maybe"], "unrecognized arguments: maybe"),
     ],
 )
 def test_cli_user_mistakes_exit_nonzero_without_traceback(args, message, tmp_path):
@@ -832,6 +832,89 @@ def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_pa
     assert record["step"] == 1 and "rewards/format_reward" in record
     prompt = open(tmp_path / "samples.txt").read()
     assert "Let me solve this step by step.\n<think>" in prompt
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared prompt: each prompt encoded once per group gives the same samples, log-probs, loss and gradient.
+# ----------------------------------------------------------------------------------------------------
+def tiny_qwen2(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+TINY_MODELS = {"llama": tiny_model, "qwen2": tiny_qwen2}
+UNEVEN_PROMPTS = ["b", "c d e f g", "h i j"]  # different lengths: left padding of 4, 0 and 2 tokens
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_shared_prefill_samples_what_plain_generate_samples(arch):
+    model, tok = TINY_MODELS[arch](0), tiny_tokenizer()
+    samples = {}
+    for share in (False, True):  # top_k = 1: greedy, so any difference in the logits would show
+        cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=6, max_completion_length=8, top_k=1,
+                              share_prompt=share)
+        samples[share] = grpo.sample_groups(model, tok, UNEVEN_PROMPTS, cfg)
+    assert torch.equal(samples[True]["completion_ids"], samples[False]["completion_ids"])
+    assert torch.equal(samples[True]["completion_mask"], samples[False]["completion_mask"])
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("beta, num_iterations", [(0.0, 1), (0.04, 2)])
+def test_shared_prompt_gives_the_same_loss_and_gradients(arch, beta, num_iterations):
+    # One batch, sampled once; then the update with and without the shared prompt on identical copies of the
+    # model, the same micro-batch order, micro-batches of 3 rows that split the groups of G = 4.
+    import copy
+    import dataclasses as dc
+
+    model, tok = TINY_MODELS[arch](0), tiny_tokenizer()
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=12, micro_batch_size=3, max_completion_length=6,
+                          beta=beta, num_iterations=num_iterations, max_grad_norm=1e9, share_prompt=False)
+    torch.manual_seed(0)
+    batch = grpo.generate_and_score(model, tok, UNEVEN_PROMPTS, [fraction_of_a], cfg)
+    assert batch["completion_mask"].sum(1).min() < batch["completion_mask"].sum(1).max()  # lengths differ too
+    before = [p.detach().clone() for p in model.parameters()]
+    results = {}
+    for share in (False, True):
+        policy = copy.deepcopy(model)
+        ref_model = copy.deepcopy(model).requires_grad_(False) if beta else None
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        torch.manual_seed(1)
+        update = grpo.update_policy(policy, ref_model, optimizer, scheduler, dict(batch), dc.replace(cfg, share_prompt=share))
+        results[share] = update, [p.detach() - b for p, b in zip(policy.parameters(), before)]
+    (plain, plain_steps), (shared, shared_steps) = results[False], results[True]
+    assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-8)
+    assert shared["kl"] == pytest.approx(plain["kl"], rel=1e-5, abs=1e-8)
+    moved = 0
+    for (name, _), a, b in zip(model.named_parameters(), plain_steps, shared_steps):
+        if a.norm() > 0:  # SGD: the change of each parameter is lr times minus its (accumulated) gradient
+            assert ((b - a).norm() / a.norm()).item() <= 1e-4, name
+            moved += 1
+    assert moved > len(plain_steps) // 2
+
+
+def test_shared_prompt_gives_the_same_log_probs_on_the_embedded_model():
+    import dataclasses as dc
+
+    model, tok = grpo.load_model_and_tokenizer(grpo.EMBEDDED_MODEL)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("Say yes.", "What is two plus two? Answer with a number only.")]
+    cfg = grpo.GRPOConfig(num_generations=3, generation_batch_size=6, max_completion_length=8)
+    torch.manual_seed(0)
+    batch = grpo.sample_groups(model, tok, prompts, cfg)
+    plain = grpo.per_token_logps(model, batch, 1.0, 4, share_prompt=False)  # micro-batches of 4 split a group
+    shared = grpo.per_token_logps(model, batch, 1.0, 4, share_prompt=True)
+    mask = batch["completion_mask"].bool()
+    assert (shared - plain)[mask].abs().max().item() < 1e-4
+    greedy = [grpo.sample_groups(model, tok, prompts, dc.replace(cfg, top_k=1, share_prompt=share))["completion_ids"]
+              for share in (False, True)]  # the prompts differ in length: the shorter one is left-padded
+    assert torch.equal(*greedy)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1093,6 +1176,17 @@ def test_a_run_without_signal_says_so(tiny_countdown_model, tmp_path, capsys):
     data.write_text("".join(json.dumps({"nums": [1, 1], "target": 1000 + i}) + "\n" for i in range(40)))
     tc.main(tiny_run(tiny_countdown_model, tmp_path / "out", "--dataset", str(data), "--max-steps", "3"))
     assert "frac_reward_zero_std = 1" in capsys.readouterr().err
+    evals = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert evals["single_operator_baseline"] == 0.0  # no operator reaches 1000 from [1, 1]
+    answers = [json.loads(line) for line in (tmp_path / "out" / "eval_completions.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and all(set(a) == {"nums", "target", "completion", "correct"} for a in answers)
+
+
+def test_single_operator_baseline_hand_examples():
+    # "+" solves only 3 + 4 = 7; "/" solves 12 / 3 = 4 and 6 / 2 = 3 (either order of the numbers); "*" 2 * 5 = 10.
+    nums, targets = [[3, 4], [3, 12], [2, 5], [6, 2]], [7, 4, 10, 3]
+    assert tc.single_operator_baseline(nums, targets) == (0.5, "/")
+    assert tc.single_operator_baseline([[1, 2, 3]], [6]) == (1.0, "+")  # 1 + 2 + 3 (and 1 * 2 * 3: first found)
 
 
 # ----------------------------------------------------------------------------------------------------

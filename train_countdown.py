@@ -3,7 +3,7 @@
 Countdown: given numbers (say 19, 36, 55, 7) and a target (65), write an equation that uses each number exactly
 once with + - * / and equals the target: 55 + 36 - 7 - 19. The reward is checkable, so no reward model is needed.
 
-    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~13 min on a 2-core CPU
+    python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~5 min on a 2-core CPU
     python train_countdown.py --preset mini-r1     # Qwen2.5-3B-Instruct, the Mini-R1 tutorial, one 80 GB GPU
     python train_countdown.py --help               # every GRPOConfig field can be overridden: --learning-rate 1e-6
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import itertools
 import json
 import operator
 import os
@@ -22,6 +23,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +40,7 @@ import grpo
 PRESETS = {
     # The embedded model on a laptop CPU (GPU when there is one): easier problems (2 numbers up to 20), the
     # answer-only prompt, numbers_reward as shaping (the strict format_reward still logged, with weight 0).
+    # float32: bfloat16 (--bf16) was 1.25x faster per step on a CPU with native bf16 but learned less (README.md).
     "cpu": dict(
         model=grpo.EMBEDDED_MODEL, style="answer", num_numbers=(2,), max_number=20, eval_size=32,
         rewards={"numbers_reward": 1.0, "equation_reward": 1.0, "format_reward": 0.0},
@@ -307,12 +310,6 @@ REWARD_FUNCS = {f.__name__: f for f in (format_reward, equation_reward, numbers_
 # ----------------------------------------------------------------------------------------------------
 # The command line: the preset, then any GRPOConfig field (each with its help text).
 # ----------------------------------------------------------------------------------------------------
-def parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="default: cpu")
@@ -328,10 +325,14 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=5, help="steps between sample dumps to samples.txt")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     config = parser.add_argument_group("GRPOConfig fields (override the preset)")
-    parsers = {"int": int, "float": float, "float | None": float, "bool": parse_bool, "str": str}  # by annotation
+    parsers = {"int": int, "float": float, "float | None": float, "str": str}  # by annotation
     for field in dataclasses.fields(grpo.GRPOConfig):
-        config.add_argument("--" + field.name.replace("_", "-"), type=parsers[field.type], dest="cfg_" + field.name,
-                            metavar=field.name.upper(), help=field.metadata["help"])
+        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if field.type == "bool":  # --bf16 / --no-bf16
+            config.add_argument(flag, action=argparse.BooleanOptionalAction, dest="cfg_" + field.name, help=help_text)
+        else:
+            config.add_argument(flag, type=parsers[field.type], dest="cfg_" + field.name, metavar=field.name.upper(),
+                                help=help_text)
     return parser.parse_args(argv)
 
 
@@ -361,6 +362,34 @@ def check_device(name: str | None) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}, but PyTorch sees no CUDA device here; leave out --device or use cpu.")
     return name
+
+
+def cpu_bf16(device: str) -> tuple[bool, str]:
+    """Whether this device multiplies bfloat16 natively, and how we know: yes on a GPU and on a CPU with AVX-512
+    BF16, AMX or Arm's BF16, where bf16 matmuls are about 3x faster than float32; no on any other CPU, where
+    bfloat16 is emulated (AVX2 only: about a hundred times slower than float32). Returns (native, why)."""
+    if torch.device(device).type != "cpu":
+        return True, f"{device} multiplies bfloat16 natively"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if flags:
+        found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        return bool(found), (f"the CPU flags list {', '.join(found)}" if found else
+                             "the CPU flags list none of avx512_bf16, amx_bf16, bf16: bfloat16 would be emulated")
+    a = torch.randn(256, 256)  # no flags to read (macOS, Windows): time a small matmul in both dtypes
+
+    def seconds(dtype):
+        x = a.to(dtype)
+        start = time.perf_counter()
+        for _ in range(5):
+            x @ x
+        return time.perf_counter() - start
+
+    seconds(torch.bfloat16)  # warm-up
+    ratio = seconds(torch.bfloat16) / seconds(torch.float32)
+    return ratio < 1, f"a 256x256 matmul took {ratio:.2f}x as long in bfloat16 as in float32"
 
 
 def check_output_dir(out: Path) -> None:
@@ -393,6 +422,27 @@ def greedy_accuracy(model, tokenizer, dataset, style, max_new_tokens, batch_size
         completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     scores = equation_reward(completions, dataset["target"], dataset["nums"], prompts=prompts)
     return sum(scores) / max(len(scores), 1), completions
+
+
+def single_operator_baseline(nums: list, targets: list) -> tuple[float, str]:
+    """What a one-operator habit scores: the best accuracy of always +, always -, always * or always /, with the
+    numbers in whichever order works (left to right), and that operator. Example: [3, 4] -> 7 is solved by "+"
+    (3 + 4), [3, 12] -> 4 by "/" (12 / 3)."""
+    def solved(numbers, target, op):
+        for order in itertools.permutations(numbers):
+            value = Fraction(order[0])
+            try:
+                for n in order[1:]:
+                    value = op(value, Fraction(n))
+            except ZeroDivisionError:
+                continue
+            if value == target:
+                return True
+        return False
+
+    scores = {sym: sum(solved(n, t, op) for n, t in zip(nums, targets)) / max(len(nums), 1) for sym, op in OPS.items()}
+    best = max(scores, key=scores.get)
+    return scores[best], best
 
 
 def plot_curves(history: list[dict], path: Path, reward_names: list[str]):
@@ -541,6 +591,9 @@ def train(args) -> dict:
     prompts_per_step = cfg.generation_batch_size // cfg.num_generations
     train_data, test_data, order = countdown_data(args.dataset, preset, cfg)
 
+    native_bf16, why = cpu_bf16(device)
+    if cfg.bf16 and not native_bf16:
+        print(f"warning: bf16 on this CPU: {why}, far slower than float32 (--no-bf16)")
     model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device)
     ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
     reward_names = list(preset["rewards"])
@@ -592,10 +645,16 @@ def train(args) -> dict:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
 
     evals["after"], completions = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
-    print(f"held-out accuracy after training (greedy, {len(test_data)} problems): {evals['after']:.3f}")
-    with open(out / "eval_completions.txt", "w") as f:  # the greedy answers behind the "after" accuracy
-        for row, completion in zip(test_data, completions):
-            f.write(f"{row['nums']} -> {row['target']}: {STYLES[preset['style']][2]}{completion}\n")
+    baseline, op = single_operator_baseline(test_data["nums"], test_data["target"])
+    evals["single_operator_baseline"], evals["single_operator"] = baseline, op
+    print(f"held-out accuracy after training (greedy, {len(test_data)} problems): {evals['after']:.3f}; "
+          f"answering every problem with '{op}' alone would score {baseline:.3f}")
+    prefill = STYLES[preset["style"]][2]
+    correct = equation_reward(completions, test_data["target"], test_data["nums"], prompts=[prefill] * len(completions))
+    with open(out / "eval_completions.jsonl", "w") as f:  # the greedy answers behind the "after" accuracy
+        for row, completion, right in zip(test_data, completions, correct):
+            f.write(json.dumps({"nums": row["nums"], "target": row["target"], "completion": prefill + completion,
+                                "correct": bool(right)}) + "\n")
     fifth = max(1, len(history) // 5)
     if history:
         evals["reward_first_fifth"] = sum(h["reward"] for h in history[:fifth]) / fifth
