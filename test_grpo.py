@@ -35,15 +35,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(seed=0, arch="llama"):
+    """A tiny random causal LM: Llama (SmolLM2's architecture) or Qwen2 (Qwen2.5's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )
-    return LlamaForCausalLM(config)
+    return model_class(config)
 
 
 def fraction_of_a(completion_ids, **kwargs):
@@ -837,24 +839,13 @@ def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_pa
 # ----------------------------------------------------------------------------------------------------
 # The shared prompt: each prompt encoded once per group gives the same samples, log-probs, loss and gradient.
 # ----------------------------------------------------------------------------------------------------
-def tiny_qwen2(seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )
-    return Qwen2ForCausalLM(config)
-
-
-TINY_MODELS = {"llama": tiny_model, "qwen2": tiny_qwen2}
+ARCHITECTURES = ["llama", "qwen2"]
 UNEVEN_PROMPTS = ["b", "c d e f g", "h i j"]  # different lengths: left padding of 4, 0 and 2 tokens
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_shared_prefill_samples_what_plain_generate_samples(arch):
-    model, tok = TINY_MODELS[arch](0), tiny_tokenizer()
+    model, tok = tiny_model(0, arch), tiny_tokenizer()
     samples = {}
     for share in (False, True):  # top_k = 1: greedy, so any difference in the logits would show
         cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=6, max_completion_length=8, top_k=1,
@@ -864,7 +855,7 @@ def test_shared_prefill_samples_what_plain_generate_samples(arch):
     assert torch.equal(samples[True]["completion_mask"], samples[False]["completion_mask"])
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("beta, num_iterations", [(0.0, 1), (0.04, 2)])
 def test_shared_prompt_gives_the_same_loss_and_gradients(arch, beta, num_iterations):
     # One batch, sampled once; then the update with and without the shared prompt on identical copies of the
@@ -872,7 +863,7 @@ def test_shared_prompt_gives_the_same_loss_and_gradients(arch, beta, num_iterati
     import copy
     import dataclasses as dc
 
-    model, tok = TINY_MODELS[arch](0), tiny_tokenizer()
+    model, tok = tiny_model(0, arch), tiny_tokenizer()
     cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=12, micro_batch_size=3, max_completion_length=6,
                           beta=beta, num_iterations=num_iterations, max_grad_norm=1e9, share_prompt=False)
     torch.manual_seed(0)
@@ -991,12 +982,12 @@ def test_rewards_return_zero_on_any_dataset_value(target, nums):
                                   "</think>\n<answer>" + "<" * 1_000_000, "1" * 1_000_000])
 def test_rewards_take_linear_time_on_a_megabyte(text):
     # A regex search for <answer>(.*?)</answer> took 20 s at 160 KB of unclosed openings: quadratic, so hours at
-    # 1 MB. Linear parsing takes milliseconds; the limit only catches the quadratic case.
+    # 1 MB. Linear parsing takes under 0.1 s here; the limit, 100 times that, only catches the quadratic case.
     start = time.perf_counter()
     for prompts in (None, ["...assistant\n<answer>"]):  # Mini-R1's <think> turn, and the answer-only turn
         for reward in (tc.equation_reward, tc.numbers_reward, tc.format_reward):
             assert reward([text], target=[7], nums=[[3, 4]], prompts=prompts) == [0.0]
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < 10.0
 
 
 @pytest.mark.parametrize(

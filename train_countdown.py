@@ -591,8 +591,8 @@ def train(args) -> dict:
     prompts_per_step = cfg.generation_batch_size // cfg.num_generations
     train_data, test_data, order = countdown_data(args.dataset, preset, cfg)
 
-    native_bf16, why = cpu_bf16(device)
-    if cfg.bf16 and not native_bf16:
+    native_bf16, why = cpu_bf16(device) if cfg.bf16 else (True, "")
+    if not native_bf16:
         print(f"warning: bf16 on this CPU: {why}, far slower than float32 (--no-bf16)")
     model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device)
     ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
