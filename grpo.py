@@ -24,6 +24,10 @@ We minimise L = -J. Names follow TRL's GRPOTrainer/GRPOConfig wherever the conce
 file can be read beside TRL's. Shapes: B is the number of completions in a batch (prompts * G), P the
 prompt length, T the completion length, V the vocabulary size.
 
+GRPO's variants swap one piece each: loss_type (how token losses are averaged: DAPO, Dr. GRPO; or CISPO's clipped
+weight), importance_sampling_level (GSPO's ratio per completion), dynamic_sampling and
+get_soft_overlong_punishment (DAPO's sampling and length reward). README.md has the table, with their papers.
+
 Where this file departs from the paper: pi_ref is the initial policy for the whole run (as in TRL), while
 DeepSeekMath's Algorithm 1 resets pi_ref to pi_theta at the start of each outer iteration.
 """
@@ -45,8 +49,13 @@ import torch
 import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+CLIPPED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")  # PPO's clipped surrogate, averaged four ways
+LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "dppo", "drpo")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+CISPO_EPSILON_HIGH = 5.0  # CISPO's cap on the importance weight when epsilon_high is not set (TRL's recommendation)
+DELTA = {"dppo": 0.15, "drpo": 12.5}  # the published default of each loss_type's delta
+DPPO_MAX_RATIO = 20.0  # DPPO's cap C on the (detached) importance weight, as published
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,16 +85,34 @@ class GRPOConfig:
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "DAPO: completions that hit the length limit get no loss"}
     )
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "DAPO: drop groups whose rewards are all equal, sample more prompts instead"}
+    )
+    dynamic_sampling_rounds: int = field(
+        default=4, metadata={"help": "DAPO's dynamic sampling: extra sampling rounds per step at most"}
+    )
     # the objective
     beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 = no KL term and no reference model"})
     epsilon: float = field(
         default=0.2, metadata={"help": "lower clip: rho >= 1 - epsilon (and the upper one unless epsilon_high is set)"}
     )
     epsilon_high: float | None = field(
-        default=None, metadata={"help": "upper clip, rho <= 1 + epsilon_high (DAPO's clip-higher); default epsilon"}
+        default=None, metadata={"help": "upper clip, rho <= 1 + epsilon_high (DAPO's clip-higher); default epsilon. "
+                                "cispo: the cap on rho itself, default 5.0"}
     )
     loss_type: str = field(
-        default="grpo", metadata={"help": "how per-token losses are averaged: grpo, dapo, dr_grpo or bnpo"}
+        default="grpo", metadata={"help": "grpo, dapo, dr_grpo, bnpo (how per-token losses are averaged); cispo, dppo, "
+                                  "drpo (another per-token surrogate: README.md's table of variants)"}
+    )
+    importance_sampling_level: str = field(
+        default="token", metadata={"help": "token: one ratio rho per token; sequence: one per completion (GSPO)"}
+    )
+    delta: float | None = field(
+        default=None, metadata={"help": "dppo: how far pi_theta may fall below pi_old (default 0.15); drpo: the "
+                                "penalty's scale (default 12.5)"}
+    )
+    delta_high: float | None = field(
+        default=None, metadata={"help": "dppo: how far pi_theta may rise above pi_old; default delta"}
     )
     scale_rewards: str = field(
         default="group", metadata={"help": "divide advantages by the std of the group, the batch, or none"}
@@ -117,7 +144,11 @@ class GRPOConfig:
 
     def __post_init__(self):
         if self.epsilon_high is None:
-            self.epsilon_high = self.epsilon
+            self.epsilon_high = CISPO_EPSILON_HIGH if self.loss_type == "cispo" else self.epsilon
+        if self.delta is None:
+            self.delta = DELTA.get(self.loss_type)
+        if self.delta_high is None:
+            self.delta_high = self.delta
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations must be at least 2 (got {self.num_generations}): the advantage compares "
@@ -135,6 +166,16 @@ class GRPOConfig:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES} (got {self.loss_type!r}).")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS} (got {self.scale_rewards!r}).")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS} "
+                             f"(got {self.importance_sampling_level!r}).")
+        if self.loss_type == "cispo" and self.epsilon_high < 1:
+            raise ValueError(f"loss_type='cispo' caps rho at epsilon_high itself, not at 1 + epsilon_high: "
+                             f"{self.epsilon_high} would shrink every weight below 1. Leave it unset (5.0) or pass >= 1.")
+        if self.loss_type in DELTA and not (self.delta > 0 and self.delta_high > 0):
+            raise ValueError(f"delta and delta_high must be > 0 (got {self.delta}, {self.delta_high}).")
+        if self.dynamic_sampling_rounds < 0:
+            raise ValueError(f"dynamic_sampling_rounds must be >= 0 (got {self.dynamic_sampling_rounds}).")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be at least 1 (got {self.num_iterations}).")
         if self.temperature <= 0:
@@ -286,6 +327,28 @@ def checked_reward(name: str, i: int, value) -> float:
     return value
 
 
+def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> Callable:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) as a reward function, TRL's name and signature.
+    With L_max = max_completion_len and L_cache = soft_punish_cache, a completion of |y| tokens gets
+
+      0                                 if |y| <= L_max - L_cache
+      ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max   (from 0 down to -1)
+      -1                                if |y| > L_max
+
+    added to the task's reward: a length penalty that grows smoothly instead of a cliff at the limit.
+    Example, L_max = 20, L_cache = 5: lengths 15, 16, 20, 21 -> 0, -0.2, -1, -1."""
+    if soft_punish_cache < 1 or max_completion_len <= soft_punish_cache:
+        raise ValueError(f"need 1 <= soft_punish_cache < max_completion_len (got {soft_punish_cache}, "
+                         f"{max_completion_len}): the penalty ramps over the last soft_punish_cache tokens.")
+    start = max_completion_len - soft_punish_cache  # L_max - L_cache: where the ramp begins
+
+    def soft_overlong_punishment(completion_ids, **kwargs) -> list[float]:
+        return [0.0 if len(ids) <= start else (start - len(ids)) / soft_punish_cache if len(ids) <= max_completion_len
+                else -1.0 for ids in completion_ids]
+
+    return soft_overlong_punishment
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Group-relative advantages (DeepSeekMath section 4.1.2, outcome supervision).
 # ----------------------------------------------------------------------------------------------------
@@ -343,7 +406,76 @@ def generate_and_score(
     batch["rewards"], batch["rewards_per_func"] = compute_rewards(  # 2.  (B,), (B, F)
         reward_funcs, batch["prompts"], batch["completions"], ids, columns, reward_weights
     )
+    batch["columns"] = columns
     batch["advantages"] = group_advantages(batch["rewards"], G, cfg.scale_rewards).to(mask.device)  # 3.  (B,)
+    return batch
+
+
+def dynamic_sampling(
+    model,
+    tokenizer,
+    prompts: list[str],
+    reward_funcs: list[Callable],
+    cfg: GRPOConfig,
+    columns: dict[str, list] | None,
+    reward_weights: list[float] | None,
+    next_prompts: Callable[[], tuple[list[str], dict[str, list]]],
+) -> dict:
+    """DAPO's dynamic sampling (Yu et al. 2025, eq. 11: keep a group only if 0 < #correct < G). A group whose G
+    rewards are all equal has A_hat = 0 for every completion: it adds no gradient, only dilutes the batch. Drop
+    such groups and sample the prompts next_prompts() returns, at most cfg.dynamic_sampling_rounds more times,
+    until the kept groups fill generation_batch_size; the batch keeps the first that do. If the rounds run
+    out first, the step trains on the informative groups it has (on the first round's batch if none)."""
+    G, wanted = cfg.num_generations, cfg.generation_batch_size // cfg.num_generations
+    parts, kept, dropped, rounds, sampled = [], 0, 0, 0, []
+    while True:
+        batch = generate_and_score(model, tokenizer, prompts, reward_funcs, cfg, columns, reward_weights)
+        sampled.append(batch["rewards"])
+        informative = (batch["rewards"].view(-1, G).std(dim=1) > 0).nonzero().view(-1)  # (groups,) their indices
+        dropped += len(prompts) - len(informative)
+        informative = informative[: wanted - kept]  # any beyond a full batch are not needed
+        parts.append((batch, informative))
+        kept += len(informative)
+        if kept == wanted or rounds == cfg.dynamic_sampling_rounds:
+            break
+        prompts, columns = next_prompts()
+        rounds += 1
+    if kept == 0:  # nothing to learn from anywhere: train on the first batch (only the KL term moves)
+        parts = [(parts[0][0], torch.arange(cfg.generation_batch_size // G))]
+    batch = cat_groups(parts, G)
+    batch["advantages"] = group_advantages(batch["rewards"], G, cfg.scale_rewards).to(batch["completion_mask"].device)
+    batch["dynamic_sampling"] = {  # logged with the step's metrics
+        "dynamic_sampling/groups_dropped": dropped,
+        "dynamic_sampling/extra_rounds": rounds,
+        "dynamic_sampling/reward_sampled": torch.cat(sampled).mean().item(),  # every completion sampled this step
+    }
+    return batch
+
+
+def cat_groups(parts: list[tuple[dict, torch.Tensor]], G: int) -> dict:
+    """The chosen groups of several scored batches as one batch: prompts left-padded and completions
+    right-padded to the widest (the padding is masked out), prompt_index renumbered, gen_time summed."""
+    pad = torch.nn.functional.pad
+    P = max(b["prompt_ids"].shape[1] for b, _ in parts)
+    T = max(b["completion_ids"].shape[1] for b, _ in parts)
+    chosen = [(b, [g * G + j for g in groups.tolist() for j in range(G)]) for b, groups in parts]  # rows to keep
+    pieces, offset = [], 0
+    for b, rows in chosen:
+        left, right = P - b["prompt_ids"].shape[1], T - b["completion_ids"].shape[1]
+        piece = {k: b[k][rows] for k in ("is_truncated", "rewards", "rewards_per_func")}
+        piece["prompt_ids"] = pad(b["prompt_ids"][rows], (left, 0))  # (b, P)
+        piece["prompt_mask"] = pad(b["prompt_mask"][rows], (left, 0))  # (b, P)
+        piece["completion_ids"] = pad(b["completion_ids"][rows], (0, right))  # (b, T)
+        piece["completion_mask"] = pad(b["completion_mask"][rows], (0, right))  # (b, T)
+        piece["prompt_index"] = offset + torch.arange(len(rows) // G, device=b["prompt_index"].device
+                                                      ).repeat_interleave(G)  # (b,)
+        offset += len(rows) // G
+        pieces.append(piece)
+    batch = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    batch["prompts"] = [b["prompts"][i] for b, rows in chosen for i in rows]
+    batch["completions"] = [b["completions"][i] for b, rows in chosen for i in rows]
+    batch["columns"] = {k: [b["columns"][k][i] for b, rows in chosen for i in rows] for k in parts[0][0]["columns"]}
+    batch["gen_time"] = sum(b["gen_time"] for b, _ in parts)
     return batch
 
 
@@ -447,11 +579,17 @@ def grpo_loss(
     epsilon_high: float,
     loss_type: str,
     max_completion_length: int | None = None,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    delta_high: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The GRPO loss -J(theta) of one batch, and its metrics. All log-prob tensors are (B, T).
 
     old_per_token_logps None means pi_old = pi_theta (num_iterations = 1): rho = 1 in value but still carries
-    the gradient of pi_theta. ref_per_token_logps may be None only when beta = 0.
+    the gradient of pi_theta. ref_per_token_logps may be None only when beta = 0. The variants swap one piece
+    each: importance_sampling_level="sequence" (GSPO) changes what rho is; loss_type "cispo", "dppo" and "drpo"
+    change the per-token surrogate (delta, delta_high: DPPO's and DRPO's bounds, None = published defaults); the
+    other loss_types change only how the per-token losses are averaged (token_weights).
     """
     if beta != 0 and ref_per_token_logps is None:
         raise ValueError("beta != 0 needs ref_per_token_logps (the reference model's log-probs); pass them or set beta=0.")
@@ -459,20 +597,67 @@ def grpo_loss(
         old_per_token_logps = per_token_logps.detach()
     A_hat = advantages[:, None]  # (B, 1) one advantage for every token of a completion
 
-    # The clipped surrogate. rho = pi_theta / pi_old, computed in log space.
-    # Example, epsilon = 0.2, A_hat = +1: rho = 1.5 -> min(1.5, 1.2) = 1.2, a constant: no gradient pushes
-    # rho further up. A_hat = -1: rho = 0.5 -> min(-0.5, -0.8) = -0.8, no gradient pushes it further down.
+    # rho = pi_theta / pi_old, computed in log space, one per token.
     log_ratio = per_token_logps - old_per_token_logps  # (B, T)
-    # A token is "clipped" where the clip removed its gradient: rho below 1 - epsilon_low with A_hat < 0, or
-    # above 1 + epsilon_high with A_hat > 0. With num_iterations = 1, rho = 1 always and nothing is clipped.
+    if importance_sampling_level == "sequence":
+        # GSPO (Zheng et al. 2025, eq. 7): one ratio per completion, the geometric mean of its token ratios,
+        #   s_i = (pi_theta(o_i | q) / pi_old(o_i | q))^(1 / |o_i|) = exp(1/|o_i| sum_t log rho_it),
+        # given to each of its tokens: one noisy token no longer decides alone whether its neighbours are clipped.
+        # Its ratios stay within about 1e-3 of 1, hence GSPO's small epsilons (3e-4, 4e-4).
+        mask = completion_mask.to(log_ratio.dtype)  # (B, T)
+        log_s = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        log_ratio = log_s.expand_as(log_ratio)  # (B, T) every token of o_i takes s_i
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS} "
+                         f"(got {importance_sampling_level!r}).")
     rho_value = torch.exp(log_ratio.detach())  # (B, T)
-    is_low = (rho_value < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
-    is_high = (rho_value > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
-    # Clipped tokens take rho from the detached log-ratio: their gradient is 0 anyway, and this keeps it 0 when
-    # rho overflows (log_ratio = 1e4 would give 0 * inf = NaN through exp's backward).
-    rho = torch.exp(torch.where(is_low | is_high, log_ratio.detach(), log_ratio))  # (B, T)
-    rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
-    per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
+
+    if loss_type == "dppo":
+        # DPPO (Qi et al. 2026, "Rethinking the Trust Region"): the trust region is on the probability itself,
+        # not the ratio. With pi = pi_theta(o_it) and mu = pi_old(o_it), a token leaves the region, and its gradient
+        # is masked (M_it = 0), when pi - mu > delta_high with A_hat > 0, or pi - mu < -delta_low with A_hat <= 0:
+        #   L_it = -A_hat_i * sg(min(rho_it, C)) * M_it * log pi_theta(o_it)
+        # Example, delta = 0.15: a token at mu = 0.01 may rise to pi = 0.16 (rho = 16, which PPO clips at 1.2),
+        # one at mu = 0.9 only to 1.0; PPO would let it reach 1.08 either way. Rare tokens get room to move.
+        delta_low = DELTA["dppo"] if delta is None else delta
+        delta_high = delta_low if delta_high is None else delta_high
+        shift = torch.exp(per_token_logps.detach()) - torch.exp(old_per_token_logps)  # (B, T) pi - mu
+        is_high = (shift > delta_high) & (A_hat > 0)  # (B, T)
+        is_low = (shift < -delta_low) & (A_hat <= 0)  # (B, T)
+        keep = (~(is_low | is_high)).to(per_token_logps.dtype)  # (B, T) M_it
+        per_token_loss = -A_hat * torch.clamp(rho_value, max=DPPO_MAX_RATIO) * keep * per_token_logps  # (B, T)
+    elif loss_type == "drpo":
+        # DRPO (Yao et al. 2026, "Rethinking the Divergence Regularization"): DPPO's hard mask made smooth, a
+        # penalty on the same probability shift that grows with it:
+        #   L_it = -A_hat_i * rho_it + |A_hat_i| * sg(mu) * (rho_it - 1)^2 / (2 delta)
+        # Its gradient is A_hat rho grad log pi times 1 - sign(A_hat (rho - 1)) |pi - mu| / delta: within
+        # [1 - 1/delta, 1 + 1/delta], smaller as the token moves the way its advantage pushes it.
+        delta = DELTA["drpo"] if delta is None else delta
+        rho = torch.exp(log_ratio.clamp(-20.0, 20.0))  # (B, T) with its gradient
+        mu = torch.exp(old_per_token_logps)  # (B, T) no gradient: pi_old is fixed
+        per_token_loss = -A_hat * rho + A_hat.abs() * mu * (rho - 1) ** 2 / (2 * delta)  # (B, T)
+        is_low = is_high = torch.zeros_like(rho_value, dtype=torch.bool)  # (B, T) nothing is cut off
+    elif loss_type == "cispo":
+        # CISPO (MiniMax-M1, Chen et al. 2025, eq. 4): clip the importance weight, never the update. Every token
+        # keeps a gradient, scaled by the weight capped at epsilon_high (an absolute bound here, say 5.0):
+        #   L_it = -sg(min(rho_it, epsilon_high)) * A_hat_i * log pi_theta(o_it)
+        # Example, epsilon_high = 5: rho = 1.5 -> weight 1.5; rho = 8 -> weight 5, where PPO's clip gives 0.
+        is_low = torch.zeros_like(rho_value, dtype=torch.bool)  # (B, T) no lower bound
+        is_high = (rho_value > epsilon_high) & (A_hat > 0)  # (B, T) capped, counted as TRL counts it
+        per_token_loss = -torch.clamp(rho_value, max=epsilon_high) * A_hat * per_token_logps  # (B, T)
+    else:
+        # The clipped surrogate (PPO).
+        # Example, epsilon = 0.2, A_hat = +1: rho = 1.5 -> min(1.5, 1.2) = 1.2, a constant: no gradient pushes
+        # rho further up. A_hat = -1: rho = 0.5 -> min(-0.5, -0.8) = -0.8, no gradient pushes it further down.
+        # A token is "clipped" where the clip removed its gradient: rho below 1 - epsilon_low with A_hat < 0, or
+        # above 1 + epsilon_high with A_hat > 0. With num_iterations = 1, rho = 1 always and nothing is clipped.
+        is_low = (rho_value < 1 - epsilon_low) & (A_hat < 0)  # (B, T)
+        is_high = (rho_value > 1 + epsilon_high) & (A_hat > 0)  # (B, T)
+        # Clipped tokens take rho from the detached log-ratio: their gradient is 0 anyway, and this keeps it 0 when
+        # rho overflows (log_ratio = 1e4 would give 0 * inf = NaN through exp's backward).
+        rho = torch.exp(torch.where(is_low | is_high, log_ratio.detach(), log_ratio))  # (B, T)
+        rho_clipped = torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high)  # (B, T)
+        per_token_loss = -torch.min(rho * A_hat, rho_clipped * A_hat)  # (B, T)
 
     # The KL penalty, estimated per token with Schulman's k3 (unbiased, always >= 0; DeepSeekMath eq. 4):
     #   D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
@@ -525,6 +710,7 @@ def token_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_
     "dapo"    1/sum_i |o_i| sum_i sum_t L_it  DAPO eq. 8, token-level: every token counts the same.
     "bnpo"    same formula as dapo. (TRL normalises bnpo by each local batch and dapo by the global one;
               here every micro-batch is scaled to the full batch, so the two coincide.)
+    "cispo", "dppo", "drpo"  same formula as dapo: the token-level average their papers use.
     "dr_grpo" 1/(B * L_max) sum_i sum_t L_it  Dr. GRPO: a constant normaliser, no length bias at all.
 
     A sequence with no unmasked token (|o_i| = 0) gets weight 0, never 0/0.
@@ -534,7 +720,7 @@ def token_weights(completion_mask: torch.Tensor, loss_type: str, max_completion_
     B, T = mask.shape
     if loss_type == "grpo":
         return mask / (B * mask.sum(dim=1, keepdim=True).clamp(min=1.0))  # (B, T)
-    if loss_type in ("dapo", "bnpo"):
+    if loss_type in ("dapo", "bnpo", "cispo", "dppo", "drpo"):
         return mask / mask.sum().clamp(min=1.0)  # (B, T)
     if loss_type == "dr_grpo":
         return mask / (B * (max_completion_length or T))  # (B, T)
@@ -564,8 +750,12 @@ def setup(model, cfg: GRPOConfig):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = cfg.max_steps * cfg.num_iterations
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, round(cfg.warmup_ratio * total), total)
-    fused = use_fused_loss(cfg, next(model.parameters()).device)
-    print(f"GRPO loss: {'the fused Triton loss (kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}",
+    device = next(model.parameters()).device
+    fused = use_fused_loss(cfg, device)
+    why = "" if fused or not cfg.use_fused_loss or device.type != "cuda" or fused_loss_implements(cfg) else (
+        f": the fused kernel has the token-level clipped loss only, not loss_type={cfg.loss_type!r} with "
+        f"importance_sampling_level={cfg.importance_sampling_level!r}")
+    print(f"GRPO loss: {'the fused Triton loss (kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}{why}",
           flush=True)
     if cfg.share_prompt and not shares_prompt(cfg):
         print("share_prompt: sampling only; the log-prob passes encode the prompt G times under gradient "
@@ -580,8 +770,14 @@ def shares_prompt(cfg: GRPOConfig) -> bool:
 
 
 def use_fused_loss(cfg: GRPOConfig, device) -> bool:
-    """The Triton kernel when asked for and the model is on a CUDA device, else the PyTorch reference."""
-    return cfg.use_fused_loss and torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+    """The Triton kernel when asked for, the model is on a CUDA device and the kernel implements the loss (the
+    token-level clipped surrogate; not CISPO or GSPO's sequence ratio), else the PyTorch reference."""
+    return (cfg.use_fused_loss and torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+            and fused_loss_implements(cfg))
+
+
+def fused_loss_implements(cfg: GRPOConfig) -> bool:
+    return cfg.loss_type in CLIPPED_LOSS_TYPES and cfg.importance_sampling_level == "token"
 
 
 def autocast(model, cfg: GRPOConfig):
@@ -613,7 +809,9 @@ def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) ->
     else:
         logps = selective_log_softmax(logits / cfg.temperature, completion_ids)  # (b, T)
         loss, metrics = grpo_loss(logps, old, ref, A_hat, mask, **clip, loss_type=cfg.loss_type,
-                                  max_completion_length=cfg.max_completion_length)
+                                  max_completion_length=cfg.max_completion_length,
+                                  importance_sampling_level=cfg.importance_sampling_level,
+                                  delta=cfg.delta, delta_high=cfg.delta_high)
         entropy = entropy_from_logits(logits / cfg.temperature)  # (b, T)
     metrics["entropy"] = masked_mean(entropy, mask).item()
     return loss, metrics
@@ -623,8 +821,8 @@ def micro_batch_scale(loss_type: str, micro_mask: torch.Tensor, full_mask: torch
     """grpo_loss normalises by the batch it is given. Multiplying a micro-batch's loss by this factor makes
     the micro-batch losses add up to the full batch's loss, so that accumulated gradients equal the full-batch
     gradient (the bug of TRL issues 3021 and 5619 was dividing token-level losses by the micro-batch's count).
-    grpo, dr_grpo: per-sequence averages, scale b / B.  dapo, bnpo: per-token, scale tokens(micro) / tokens(full)."""
-    if loss_type in ("dapo", "bnpo"):
+    grpo, dr_grpo: per-sequence averages, scale b / B. The others are per-token: tokens(micro) / tokens(full)."""
+    if loss_type not in ("grpo", "dr_grpo"):
         return float(micro_mask.sum()) / max(float(full_mask.sum()), 1.0)
     return micro_mask.shape[0] / full_mask.shape[0]
 
@@ -716,6 +914,7 @@ def step_metrics(batch: dict, update: dict, reward_funcs: list[Callable], cfg: G
     }
     for j, func in enumerate(reward_funcs):
         metrics[f"rewards/{getattr(func, '__name__', f'reward_{j}')}"] = batch["rewards_per_func"][:, j].nanmean().item()
+    metrics.update(batch.get("dynamic_sampling", {}))
     return metrics
 
 
@@ -730,12 +929,14 @@ def grpo_step(
     cfg: GRPOConfig,
     columns: dict[str, list] | None = None,
     reward_weights: list[float] | None = None,
+    next_prompts: Callable[[], tuple[list[str], dict[str, list]]] | None = None,
 ) -> tuple[dict, dict]:
     """One GRPO step on a list of prompts (each sampled G times). Returns (metrics, rollouts): the rollouts
-    (completions, rewards, advantages) are there to be printed or saved.
+    (prompts, completions, their columns, rewards, advantages) are there to be printed or saved.
 
     columns holds the dataset's other fields, one entry per prompt (e.g. target and nums for Countdown); each
-    is repeated G times and passed to the reward functions by name.
+    is repeated G times and passed to the reward functions by name. next_prompts, needed by cfg.dynamic_sampling
+    only, returns more (prompts, columns) each time it is called.
     """
     G = cfg.num_generations
     if len(prompts) * G != cfg.generation_batch_size:
@@ -745,13 +946,19 @@ def grpo_step(
         )
     if cfg.beta != 0 and ref_model is None:
         raise ValueError("beta != 0 needs a reference model: use the ref_model from setup(model, cfg), or set beta=0.")
+    if cfg.dynamic_sampling and next_prompts is None:
+        raise ValueError("dynamic_sampling needs next_prompts: a function that returns more (prompts, columns).")
     start = time.perf_counter()
-    batch = generate_and_score(model, tokenizer, prompts, reward_funcs, cfg, columns, reward_weights)  # 1 to 3
+    if cfg.dynamic_sampling:  # 1 to 3, keeping informative groups only
+        batch = dynamic_sampling(model, tokenizer, prompts, reward_funcs, cfg, columns, reward_weights, next_prompts)
+    else:  # 1 to 3
+        batch = generate_and_score(model, tokenizer, prompts, reward_funcs, cfg, columns, reward_weights)
     update = update_policy(model, ref_model, optimizer, scheduler, batch, cfg)  # 4 to 6
     metrics = step_metrics(batch, update, reward_funcs, cfg)  # 7
     metrics["step_time"] = time.perf_counter() - start
     rollouts = dict(
         prompts=batch["prompts"],
+        columns=batch["columns"],
         completions=batch["completions"],
         rewards=batch["rewards"].tolist(),
         rewards_per_func=batch["rewards_per_func"].tolist(),

@@ -108,21 +108,38 @@ def test_selective_log_softmax(dtype):
 # ----------------------------------------------------------------------------------------------------
 # grpo_loss against an independent float64 implementation of the formulas, written out per loss_type.
 # ----------------------------------------------------------------------------------------------------
-def reference_loss_float64(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len):
-    """GRPO loss written from the papers, loop-free but separate from grpo.py (no token_weights)."""
+def reference_loss_float64(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len, level="token"):
+    """GRPO loss written from the papers, loop-free but separate from grpo.py (no token_weights).
+    level="sequence" is GSPO's ratio (Zheng et al. 2025, eq. 7); loss_type="cispo" MiniMax-M1's eq. 4; "dppo" and
+    "drpo" at their published defaults (delta 0.15 and C = 20; delta 12.5)."""
     mask = mask.double()
     old = logp.detach() if old is None else old
-    ratio = torch.exp(logp - old)
-    unclipped = ratio * adv[:, None]
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[:, None]
-    L = -torch.minimum(unclipped, clipped)
+    if level == "sequence":  # s_i = exp(mean over the completion's tokens of log(pi_theta / pi_old))
+        s = torch.exp(((logp - old) * mask).sum(1) / mask.sum(1).clamp(min=1))
+        ratio = s[:, None].expand_as(logp)
+    else:
+        ratio = torch.exp(logp - old)
+    if loss_type == "cispo":  # -sg(min(rho, eps_max)) * A * log pi_theta
+        L = -torch.clamp(ratio, max=eps_high).detach() * adv[:, None] * logp
+    elif loss_type == "dppo":  # -A * sg(min(rho, 20)) * M * log pi, M = 0 outside pi - mu in [-0.15, 0.15] (A's side)
+        shift = (torch.exp(logp) - torch.exp(old)).detach()
+        A = adv[:, None].expand_as(logp)
+        M = ~(((A > 0) & (shift > 0.15)) | ((A <= 0) & (shift < -0.15)))
+        L = -A * torch.clamp(ratio, max=20.0).detach() * M * logp
+    elif loss_type == "drpo":  # -A * rho + |A| * sg(mu) * (rho - 1)^2 / (2 * 12.5)
+        A = adv[:, None]
+        L = -A * ratio + A.abs() * torch.exp(old) * (ratio - 1) ** 2 / 25.0
+    else:
+        unclipped = ratio * adv[:, None]
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[:, None]
+        L = -torch.minimum(unclipped, clipped)
     if beta != 0:
         L = L + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
     per_seq_tokens = mask.sum(1)
     if loss_type == "grpo":  # mean over sequences of the per-sequence token mean; empty sequences add 0
         per_seq = (L * mask).sum(1) / torch.where(per_seq_tokens > 0, per_seq_tokens, torch.ones_like(per_seq_tokens))
         return per_seq.sum() / L.shape[0]
-    if loss_type in ("dapo", "bnpo"):
+    if loss_type in ("dapo", "bnpo", "cispo", "dppo", "drpo"):
         return (L * mask).sum() / max(mask.sum().item(), 1.0)
     if loss_type == "dr_grpo":
         return (L * mask).sum() / (L.shape[0] * max_len)
@@ -159,11 +176,195 @@ def test_grpo_loss_matches_float64_reference(loss_type, beta, with_old):
     assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
     assert torch.all(x.grad[2] == 0)  # the fully masked sequence: no gradient and no NaN
     assert not torch.isnan(loss)
-    if with_old:  # the clip is really active on these inputs
+    if with_old and loss_type not in ("dppo", "drpo"):  # the clip is really active on these inputs
         assert metrics["clip_ratio/region_mean"] > 0
     m = mask.double()
     expected_kl = ((torch.exp(ref - logp) - (ref - logp) - 1) * m).sum() / m.sum()
     assert metrics["kl"] == pytest.approx(expected_kl.item() if beta else 0.0, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The variants: GSPO's sequence ratio and CISPO, against float64 formulas from their papers and against TRL.
+# ----------------------------------------------------------------------------------------------------
+def gspo_inputs():
+    """Sequences whose ratio s_i lands inside GSPO's narrow band [1 - 3e-4, 1 + 4e-4] and outside it."""
+    logp, _, ref, adv, mask = random_inputs(B=4, T=6, seed=5)
+    shift = torch.tensor([1e-4, -2e-4, 0.0, 5e-3])[:, None].double()  # mean log-ratio per sequence: s - 1 ~ these
+    wobble = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-5
+    old = logp - shift - (wobble - (wobble * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1))
+    adv = torch.tensor([1.0, -1.0, 0.5, 1.0], dtype=torch.float64)
+    mask[2] = torch.tensor([1, 1, 0, 0, 0, 0])  # random_inputs masks row 2 fully: give it two tokens
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_gspo_sequence_ratio_matches_float64_formula(beta, loss_type):
+    logp, old, ref, adv, mask = gspo_inputs()
+    x = logp.float().requires_grad_()
+    loss, metrics = grpo.grpo_loss(x, old.float(), ref.float(), adv.float(), mask, beta=beta, epsilon_low=3e-4,
+                                   epsilon_high=4e-4, loss_type=loss_type, importance_sampling_level="sequence")
+    loss.backward()
+    x64 = logp.clone().requires_grad_()
+    expected = reference_loss_float64(x64, old, ref, adv, mask, beta, 3e-4, 4e-4, loss_type, 6, level="sequence")
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+    if beta == 0:  # the last sequence (s - 1 = 5e-3 > 4e-4, A_hat > 0) is clipped whole; the first, inside, is not
+        assert torch.all(x.grad[3] == 0) and torch.all(x.grad[0, :6] != 0)
+        # inside the band every token of a sequence gets the same gradient, s_i * A_hat_i / (B |o_i|) for grpo
+        assert torch.allclose(x.grad[0], x.grad[0, :1].expand(6), rtol=1e-5)
+    assert metrics["clip_ratio/high_mean"] > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_cispo_matches_float64_formula_and_keeps_clipped_gradients(beta):
+    logp, old, ref, adv, mask = random_inputs(seed=0)  # tokens with rho > 1.1 under either sign of A_hat
+    x = logp.float().requires_grad_()
+    loss, metrics = grpo.grpo_loss(x, old.float(), ref.float(), adv.float(), mask, beta=beta, epsilon_low=0.2,
+                                   epsilon_high=1.1, loss_type="cispo")
+    loss.backward()
+    x64 = logp.clone().requires_grad_()
+    expected = reference_loss_float64(x64, old, ref, adv, mask, beta, 0.2, 1.1, "cispo", 6)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    if beta == 0:  # d L / d log pi = -min(rho, eps_max) * A_hat / N: never 0, where PPO's clip would give 0
+        rho = torch.exp(logp - old)
+        N = mask.sum()
+        assert torch.allclose(x.grad.double(), -torch.clamp(rho, max=1.1) * adv[:, None] * mask / N, atol=1e-7)
+        ppo_clipped = ((rho > 1.2) & (adv[:, None] > 0) | (rho < 0.8) & (adv[:, None] < 0)) & mask.bool()
+        assert ppo_clipped.any() and torch.all(x.grad[ppo_clipped] != 0)
+        capped = (rho > 1.1) & mask.bool()
+        assert capped.any() and torch.all(x.grad.double()[capped].abs() < rho[capped] * adv.abs()[:, None].expand_as(rho)[capped] / N)
+    assert metrics["clip_ratio/high_mean"] > 0  # tokens with rho > 1.1 and A_hat > 0: capped
+
+
+@pytest.mark.parametrize("loss_type", ["dppo", "drpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_dppo_and_drpo_match_float64_formulas(loss_type, beta):
+    logp, old, ref, adv, mask = random_inputs(seed=0)
+    old = torch.log((torch.exp(logp) - torch.linspace(-0.3, 0.3, 6, dtype=torch.float64)).clamp(0.01, 0.99))  # shifts
+    x = logp.float().requires_grad_()
+    loss, _ = grpo.grpo_loss(x, old.float(), ref.float(), adv.float(), mask, beta=beta, epsilon_low=0.2,
+                             epsilon_high=0.2, loss_type=loss_type)
+    loss.backward()
+    x64 = logp.clone().requires_grad_()
+    expected = reference_loss_float64(x64, old, ref, adv, mask, beta, 0.2, 0.2, loss_type, 6)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+
+
+def one_token_gradient(pi, mu, A, loss_type, **kw):
+    """d L / d log pi_theta for one token of one completion (normaliser 1) and its metrics."""
+    logp = torch.tensor([[math.log(pi)]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[math.log(mu)]], dtype=torch.float64)
+    loss, metrics = grpo.grpo_loss(logp, old, None, torch.tensor([A], dtype=torch.float64), torch.ones(1, 1),
+                                   beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type=loss_type, **kw)
+    loss.backward()
+    return logp.grad.item(), metrics
+
+
+@pytest.mark.parametrize(
+    "pi, mu, A, masked",
+    [  # delta_low = 0.1, delta_high = 0.2: each threshold approached from both sides
+        (0.29, 0.10, 1.0, False), (0.31, 0.10, 1.0, True),  # rising past mu + delta_high with A_hat > 0: masked
+        (0.91, 0.50, -1.0, False),  # rising with A_hat < 0: never masked (the update pulls it back)
+        (0.41, 0.50, -1.0, False), (0.39, 0.50, -1.0, True),  # falling past mu - delta_low with A_hat <= 0: masked
+        (0.39, 0.50, 0.0, True),  # A_hat = 0 counts as the negative side, as published
+        (0.01, 0.60, 1.0, False),  # falling with A_hat > 0: never masked
+        (0.30, 0.01, 1.0, True), (0.20, 0.01, 1.0, False),  # rho = 20 is fine while pi - mu <= 0.2
+    ],
+)
+def test_dppo_mask_on_each_side_of_each_threshold(pi, mu, A, masked):
+    grad, metrics = one_token_gradient(pi, mu, A, "dppo", delta=0.1, delta_high=0.2)
+    expected = 0.0 if masked else -A * min(pi / mu, 20.0)  # d/d log pi of -A * sg(min(rho, C)) * log pi
+    assert grad == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert metrics["clip_ratio/region_mean"] == (1.0 if masked else 0.0)
+
+
+def test_dppo_caps_the_importance_weight_at_20():
+    grad, _ = one_token_gradient(0.10, 0.001, 1.0, "dppo")  # rho = 100, pi - mu = 0.099 < 0.15: kept, weight 20
+    assert grad == pytest.approx(-20.0)
+
+
+@pytest.mark.parametrize("pi, mu", [(0.3, 0.1), (0.1, 0.3), (0.5, 0.5), (0.99, 0.01), (0.01, 0.99)])
+@pytest.mark.parametrize("A", [1.5, -0.5])
+def test_drpo_gradient_weight_is_its_closed_form(pi, mu, A):
+    # d L / d log pi = -A * rho * w with w = 1 - sign(A (rho - 1)) |pi - mu| / delta, in [1 - 1/delta, 1 + 1/delta]
+    delta = 2.0  # small, so that w moves far from 1
+    grad, _ = one_token_gradient(pi, mu, A, "drpo", delta=delta)
+    rho = pi / mu
+    w = 1 - math.copysign(1, A * (rho - 1)) * abs(pi - mu) / delta if rho != 1 else 1.0
+    assert grad == pytest.approx(-A * rho * w, rel=1e-9)
+    assert 1 - 1 / delta <= w <= 1 + 1 / delta
+
+
+def test_dppo_and_drpo_defaults_are_published_ones():
+    assert (grpo.GRPOConfig(loss_type="dppo").delta, grpo.GRPOConfig(loss_type="dppo").delta_high) == (0.15, 0.15)
+    assert grpo.GRPOConfig(loss_type="dppo", delta=0.1, delta_high=0.3).delta_high == 0.3
+    assert grpo.GRPOConfig(loss_type="drpo").delta == 12.5
+    with pytest.raises(ValueError, match="delta and delta_high must be > 0"):
+        grpo.GRPOConfig(loss_type="drpo", delta=0)
+
+
+def test_cispo_config_caps_at_five_and_rejects_a_ppo_epsilon():
+    assert grpo.GRPOConfig(loss_type="cispo").epsilon_high == 5.0
+    assert grpo.GRPOConfig(loss_type="grpo").epsilon_high == 0.2
+    with pytest.raises(ValueError, match="caps rho at epsilon_high itself"):
+        grpo.GRPOConfig(loss_type="cispo", epsilon_high=0.28)
+    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
+        grpo.GRPOConfig(importance_sampling_level="seq")
+
+
+def trl_loss(logp, old, ref, adv, mask, *, beta, eps_low, eps_high, loss_type, max_len, level="token"):
+    """TRL's own GRPOTrainer._compute_loss, called on these per-token log-probs: its model call returns them, and
+    its accelerator is one process. Nothing of TRL's loss is copied here."""
+    import collections
+    import types
+
+    from trl import GRPOTrainer
+
+    B, T = logp.shape
+    one_process = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                        reduce=lambda x, reduction="sum": x, sync_gradients=True)
+    trainer = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, max_completion_length=max_len,
+        use_vllm=False, vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, accelerator=one_process, _entropy_bonus_enabled=False,
+        aux_loss_enabled=False, _metrics={"train": collections.defaultdict(list)},
+    )
+    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+                  completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=mask, advantages=adv,
+                  old_per_token_logps=old, ref_per_token_logps=ref, num_items_in_batch=mask.sum())
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+@pytest.mark.parametrize("loss_type", grpo.CLIPPED_LOSS_TYPES + ("cispo",))  # the loss_types TRL 1.16 has too
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("with_old", [True, False])
+def test_loss_equals_trl(loss_type, level, beta, with_old):
+    pytest.importorskip("trl")
+    logp, old, ref, adv, mask = gspo_inputs() if level == "sequence" else random_inputs(seed=7)
+    old = old if with_old else None
+    eps_low, eps_high = (3e-4, 4e-4) if level == "sequence" else (0.2, 0.28)
+    eps_high = 1.1 if loss_type == "cispo" else eps_high
+    kw = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type, max_len=10, level=level)
+    x_trl = logp.clone().requires_grad_()
+    expected = trl_loss(x_trl, old, ref, adv, mask, **kw)
+    expected.backward()
+    x = logp.clone().requires_grad_()
+    loss, _ = grpo.grpo_loss(x, old, ref, adv, mask, beta=beta, epsilon_low=eps_low, epsilon_high=eps_high,
+                             loss_type=loss_type, max_completion_length=10, importance_sampling_level=level)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-14)
+    assert torch.allclose(x.grad, x_trl.grad, rtol=1e-10, atol=1e-14)
+    assert x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -352,6 +553,101 @@ def test_columns_reach_reward_functions_repeated_per_group():
     assert seen["target"] == [7, 7, 9, 9]
 
 
+# ----------------------------------------------------------------------------------------------------
+# DAPO's other two changes: the soft overlong punishment and dynamic sampling.
+# ----------------------------------------------------------------------------------------------------
+def test_soft_overlong_punishment_is_dapo_eq_13():
+    L_max, L_cache = 20, 5
+    lengths = list(range(0, 26))
+
+    def eq_13(n):  # Yu et al. 2025, eq. 13, in exact fractions
+        from fractions import Fraction
+        if n <= L_max - L_cache:
+            return 0.0
+        if n <= L_max:
+            return float(Fraction((L_max - L_cache) - n, L_cache))
+        return -1.0
+
+    reward = grpo.get_soft_overlong_punishment(L_max, L_cache)
+    got = reward(completion_ids=[[7] * n for n in lengths], prompts=[""] * 26, completions=[""] * 26)
+    assert got == [eq_13(n) for n in lengths]
+    assert got[15:17] + got[20:22] == [0.0, -0.2, -1.0, -1.0]  # the docstring's example
+    trl_rewards = pytest.importorskip("trl.rewards")
+    assert got == trl_rewards.get_soft_overlong_punishment(L_max, L_cache)(completion_ids=[[7] * n for n in lengths])
+    with pytest.raises(ValueError, match="soft_punish_cache"):
+        grpo.get_soft_overlong_punishment(10, 10)
+
+
+def by_prompt(prompts, completion_ids, **kwargs):
+    """Toy reward: the same 1.0 for every completion of a prompt that starts with 'b' (a group with no signal),
+    else the sum of the completion's ids mod 7 (differs within a group)."""
+    return [1.0 if p.startswith("b") else float(sum(ids) % 7) for p, ids in zip(prompts, completion_ids)]
+
+
+def dynamic_step(first, more, rounds=4):
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=8, micro_batch_size=3, max_completion_length=6,
+                          dynamic_sampling=True, dynamic_sampling_rounds=rounds, learning_rate=1e-3, beta=0.04)
+    model = tiny_model(0)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    prompts = iter(more)
+    return grpo.grpo_step(model, ref_model, tiny_tokenizer(), optimizer, scheduler, first, [by_prompt], cfg,
+                          columns={"n": list(range(len(first)))}, next_prompts=lambda: next(prompts))
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_samples_more():
+    more = [(["b c", "d e f g"], {"n": [10, 11]}), (["h", "i j"], {"n": [20, 21]})]
+    metrics, rollouts = dynamic_step(["b", "c d"], more)
+    G = 4
+    # round 0: "b" dropped, "c d" kept; round 1: "b c" dropped, "d e f g" kept: the batch is full, "h" never sampled
+    assert rollouts["prompts"] == ["c d"] * G + ["d e f g"] * G
+    assert rollouts["columns"]["n"] == [1] * G + [11] * G  # each completion keeps its own prompt's columns
+    assert metrics["dynamic_sampling/groups_dropped"] == 2 and metrics["dynamic_sampling/extra_rounds"] == 1
+    assert metrics["frac_reward_zero_std"] == 0.0
+    for i in range(0, 2 * G, G):  # the advantages are each kept group's own, recomputed in the joined batch
+        rewards = torch.tensor(rollouts["rewards"][i : i + G])
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        assert rollouts["advantages"][i : i + G] == pytest.approx(expected.tolist(), abs=1e-5)
+    # every sampled completion counts in reward_sampled, the kept ones only in reward
+    assert metrics["reward"] == pytest.approx(sum(rollouts["rewards"]) / (2 * G))
+
+
+def test_dynamic_sampling_joins_prompts_and_completions_of_different_widths():
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=4, max_completion_length=6)
+    model, tok = tiny_model(0), tiny_tokenizer()
+    torch.manual_seed(0)
+    parts = []
+    for prompts in (["b", "c d e f"], ["g h", "i"]):
+        batch = grpo.generate_and_score(model, tok, prompts, [by_prompt], cfg, {"n": [0, 1]})
+        parts.append((batch, torch.tensor([1, 0])))  # both groups, in reverse order
+    joined = grpo.cat_groups(parts, 2)
+    assert joined["prompts"] == ["c d e f"] * 2 + ["b"] * 2 + ["i"] * 2 + ["g h"] * 2
+    assert joined["prompt_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for row, prompt in enumerate(joined["prompts"]):
+        prompt_mask, completion_mask = joined["prompt_mask"][row], joined["completion_mask"][row]
+        assert torch.equal(prompt_mask, prompt_mask.cummax(0).values)  # padded on the left only
+        assert torch.equal(completion_mask.flip(0), completion_mask.flip(0).cummax(0).values)  # on the right only
+        kept = joined["prompt_ids"][row][prompt_mask.bool()]
+        assert tok.decode(kept) == prompt  # every prompt token kept
+        ids = joined["completion_ids"][row][joined["completion_mask"][row].bool()]
+        assert tok.decode(ids, skip_special_tokens=True) == joined["completions"][row]
+
+
+def test_dynamic_sampling_stops_after_its_rounds():
+    more = [(["b c", "b d"], {"n": [0, 0]})] * 2
+    metrics, rollouts = dynamic_step(["b", "b e"], more, rounds=2)  # never a signal: 3 rounds of 2 groups dropped
+    assert metrics["dynamic_sampling/groups_dropped"] == 6 and metrics["dynamic_sampling/extra_rounds"] == 2
+    assert rollouts["prompts"] == ["b"] * 4 + ["b e"] * 4  # the first round's batch is trained on, as sampled
+    assert rollouts["advantages"] == [0.0] * 8
+
+
+def test_dynamic_sampling_needs_a_source_of_prompts():
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=2, dynamic_sampling=True, beta=0)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="next_prompts"):
+        grpo.grpo_step(model, None, tiny_tokenizer(), torch.optim.SGD(model.parameters(), lr=0.1), None, ["b"],
+                       [fraction_of_a], cfg)
+
+
 def test_completion_mask_stops_after_first_eos():
     cfg = grpo.GRPOConfig(num_generations=8, generation_batch_size=16, max_completion_length=12)
     torch.manual_seed(0)
@@ -470,7 +766,7 @@ def relative_error(got, expected):
 
 
 @needs_triton
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", grpo.CLIPPED_LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_kernel_float32_matches_float64(loss_type, beta):
     logits, ids, old, ref, adv, mask = kernel_inputs(4, 5, 1000, torch.float32)  # V not a power of two
@@ -800,9 +1096,10 @@ def final_weights(out_dir):
     return load_file(os.path.join(out_dir, "checkpoint", "model.safetensors"))
 
 
-def test_resume_continues_exactly(tiny_countdown_model, tmp_path):
+@pytest.mark.parametrize("variant", [[], ["--dynamic-sampling", "--loss-type", "dapo", "--epsilon-high", "0.28"]])
+def test_resume_continues_exactly(tiny_countdown_model, tmp_path, variant):
     common = ["--model", tiny_countdown_model, "--eval-size", "4", "--save-every", "1", "--max-completion-length", "6",
-              "--learning-rate", "1e-2", "--device", "cpu"]
+              "--learning-rate", "1e-2", "--device", "cpu", *variant]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     tc.main([*common, "--output-dir", straight, "--max-steps", "3"])
     tc.main([*common, "--output-dir", split, "--max-steps", "2"])
@@ -818,7 +1115,7 @@ def test_resume_continues_exactly(tiny_countdown_model, tmp_path):
     assert {"before", "after", "reward_first_fifth", "reward_last_fifth"} <= set(evals)
     record = json.loads(open(os.path.join(split, "metrics.jsonl")).readline())
     for key in ("step", "reward", "reward_std", "rewards/format_reward", "rewards/equation_reward", "kl",
-                "completion_length", "step_time"):
+                "completion_length", "step_time") + (("dynamic_sampling/groups_dropped",) if variant else ()):
         assert key in record
     with pytest.raises(SystemExit, match="is not a checkpoint of SmolLM2"):  # resuming with another model
         tc.main(["--output-dir", split, "--resume", "--max-steps", "4", "--device", "cpu"])
@@ -1184,7 +1481,8 @@ def test_single_operator_baseline_hand_examples():
 # notebooks/: each one runs top to bottom and draws its figures. The cell limit only catches a hang: how fast a
 # notebook runs depends on the machine, and no test may.
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 2), ("03_fused_loss", 2)])
+@pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 2), ("03_fused_loss", 2),
+                                            ("04_variants", 3)])
 def test_notebook_runs(name, figures):
     import nbformat
     from nbclient import NotebookClient

@@ -478,10 +478,11 @@ def countdown_data(dataset: str | None, preset: dict, cfg: grpo.GRPOConfig):
     return split["train"], split["test"], order
 
 
-def write_samples(path: Path, step: int, problem: dict, rollouts: dict, reward_names: list[str], G: int, prefill: str):
-    """Append the first prompt's group of completions, with each reward and advantage, to samples.txt."""
+def write_samples(path: Path, step: int, rollouts: dict, reward_names: list[str], G: int, prefill: str):
+    """Append the first group of completions of the step's batch, with each reward and advantage, to samples.txt."""
+    nums, target = rollouts["columns"]["nums"][0], rollouts["columns"]["target"][0]
     with open(path, "a") as f:
-        f.write(f"===== step {step}: nums {problem['nums']}, target {problem['target']}\n")
+        f.write(f"===== step {step}: nums {nums}, target {target}\n")
         for i in range(G):
             scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(reward_names, rollouts["rewards_per_func"][i]))
             f.write(f"--- reward {rollouts['rewards'][i]:.2f} ({scores}), advantage {rollouts['advantages'][i]:+.2f}\n")
@@ -622,13 +623,18 @@ def train(args) -> dict:
         (out / "eval.json").write_text(json.dumps(evals, indent=1))
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="GRPO", dynamic_ncols=True)
-    for step in bar:
-        index = [order[(step * prompts_per_step + i) % len(order)] for i in range(prompts_per_step)]
+    def prompts_and_columns(index):
         rows = train_data.select(index)
         prompts = [make_prompt(tokenizer, n, t, preset["style"]) for n, t in zip(rows["nums"], rows["target"])]
-        metrics, rollouts = grpo.grpo_step(model, ref_model, tokenizer, optimizer, scheduler, prompts, reward_funcs, cfg,
-                                           columns={"nums": rows["nums"], "target": rows["target"]},
-                                           reward_weights=weights)
+        return prompts, {"nums": rows["nums"], "target": rows["target"]}
+
+    for step in bar:
+        index = [order[(step * prompts_per_step + i) % len(order)] for i in range(prompts_per_step)]
+        extra = random.Random(f"{cfg.seed}-{step}")  # dynamic sampling's extra prompts: the same ones on --resume
+        prompts, columns = prompts_and_columns(index)
+        metrics, rollouts = grpo.grpo_step(
+            model, ref_model, tokenizer, optimizer, scheduler, prompts, reward_funcs, cfg, columns=columns,
+            reward_weights=weights, next_prompts=lambda: prompts_and_columns(extra.sample(order, prompts_per_step)))
         metrics["step"] = step + 1
         history.append(metrics)
         with open(out / "metrics.jsonl", "a") as f:
@@ -639,7 +645,7 @@ def train(args) -> dict:
             tqdm.write(NO_SIGNAL_WARNING.format(n=NO_SIGNAL_STEPS), file=sys.stderr)
         plot_curves(history, out / "curves.png", reward_names)
         if (step + 1) % args.sample_every == 0 or step == start_step:
-            write_samples(out / "samples.txt", step + 1, rows[0], rollouts, reward_names, cfg.num_generations,
+            write_samples(out / "samples.txt", step + 1, rollouts, reward_names, cfg.num_generations,
                           STYLES[preset["style"]][2])
         if (step + 1) % args.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
