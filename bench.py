@@ -1,7 +1,8 @@
 """Benchmarks that print a table. Speed lives here, not in the tests: it depends on the machine.
 
-    python bench.py step       # one GRPO step of the embedded model, by phase: plain, shared prompt, bfloat16
+    python bench.py step       # one GRPO step of the embedded model, by phase: plain, shared prompt, bfloat16, TRL
     python bench.py kernel     # the fused GRPO loss against the eager reference, torch.compile and Liger (GPU)
+    python bench.py preset     # a preset's step (mini-r1: Qwen2.5-3B's shape, random weights) and 450 steps' hours
 
 `step` times whole GRPO steps (median after a warm-up step) with the host clock; `kernel` times many runs with
 CUDA events after warm-ups. BENCHMARKS.md keeps the tables with the date, the device and the versions.
@@ -13,6 +14,7 @@ import argparse
 import functools
 import importlib.util
 import platform
+import random
 import statistics
 
 import torch
@@ -161,6 +163,159 @@ def bench_step(cfg, forced_length, share_prompt, bf16, steps):
     return {phase: statistics.median(t[phase] for t in times[1:]) for phase in times[0]}
 
 
+def bench_trl_step(cfg, forced_length, bf16, steps):
+    """The same steps on TRL's GRPOTrainer, through train_countdown's bridge (same config, prompts, rewards): {phase:
+    median seconds}. Phases are timed around the policy's generate and pi_ref's forward passes; the update is the
+    rest of the step."""
+    import dataclasses
+    import tempfile
+    import time
+
+    import trl
+    from transformers import TrainerCallback
+
+    import train_countdown as tc
+
+    cfg = dataclasses.replace(cfg, bf16=bf16, max_steps=steps + 1, seed=1)
+    preset = tc.PRESETS["cpu"]
+    model, tokenizer = grpo.load_model_and_tokenizer()
+    data = tc.generate_dataset(64, seed=1, num_numbers=preset["num_numbers"], max_number=preset["max_number"])
+    dataset = tc.trl_dataset(tokenizer, data, list(range(len(data))), preset, cfg)
+    spent = {"generation": 0.0, "pi_ref": 0.0}
+
+    def timed(phase, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[phase] += time.perf_counter() - start
+        return wrapper
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            spent.update(generation=0.0, pi_ref=0.0, start=time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = time.perf_counter() - spent["start"]
+            times.append({"generation": spent["generation"], "pi_ref": spent["pi_ref"],
+                          "update": step - spent["generation"] - spent["pi_ref"], "step": step})
+
+    with tempfile.TemporaryDirectory() as out:
+        generation_kwargs = {"min_new_tokens": forced_length} if forced_length else None
+        config = tc.trl_config(cfg, tc.Path(out), list(preset["rewards"].values()), use_cpu=True, save_strategy="no",
+                               logging_strategy="no", disable_tqdm=True, generation_kwargs=generation_kwargs)
+        funcs = [tc.REWARD_FUNCS[n] for n in preset["rewards"]]
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
+                                  processing_class=tokenizer, callbacks=[StepTimer()])
+        model.generate = timed("generation", model.generate)
+        if trainer.ref_model is not None:
+            trainer.ref_model.forward = timed("pi_ref", trainer.ref_model.forward)
+        trainer.train()
+    return {phase: statistics.median(t[phase] for t in times[1:]) for phase in times[0]}
+
+
+# The shape of Qwen2.5-3B-Instruct (its config.json), so that a step is measured without downloading 6 GB; on a CPU,
+# the same architecture at a tiny size.
+QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                 intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6)
+TINY_QWEN = dict(QWEN25_3B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 vocab_size=2048)
+PROMPT_TOKENS = 150  # about the length of Mini-R1's prompt
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer with one word per id ("w0" .. "wV-1"): random prompts of an exact length, any id decodable."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w2"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", eos_token="w1", unk_token="w2")
+
+
+def random_reward(completions, **kwargs):
+    """Speed, not learning, is measured: rewards that differ within every group, so that no step is skipped."""
+    return [random.random() for _ in completions]
+
+
+SAMPLERS = {  # name: the GRPOConfig fields that select it
+    "generate": dict(),
+    "static": dict(cache_implementation="static"),
+    "continuous": dict(use_transformers_continuous_batching=True),
+}
+
+
+def bench_preset(preset_name: str, length: int, steps: int, device: str, tiny: bool, sampler: str = "generate") -> dict:
+    """Seconds per phase (median of `steps` steps after a warm-up step), peak memory and the projected hours of the
+    preset's max_steps, for a random model of the preset's shape with every completion exactly `length` tokens."""
+    import dataclasses
+    import resource
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import train_countdown as tc
+
+    preset = tc.PRESETS[preset_name]
+    cfg = grpo.GRPOConfig(**preset["config"])
+    total_steps = cfg.max_steps
+    cfg = dataclasses.replace(cfg, max_completion_length=length, max_steps=steps + 1, **SAMPLERS[sampler])
+    if tiny:  # the preset's settings at a size a CPU runs in seconds
+        cfg = dataclasses.replace(cfg, generation_batch_size=2 * cfg.num_generations, micro_batch_size=4,
+                                  use_fused_loss=False)
+    shape = TINY_QWEN if tiny else QWEN25_3B
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    model.to(preset.get("dtype") or torch.float32)
+    if cfg.use_peft:
+        model = grpo.add_lora(model, cfg)
+    model.generation_config.min_new_tokens = length  # EOS held back until then: every completion exactly `length`
+    tokenizer = word_tokenizer(shape["vocab_size"])
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    rng = random.Random(0)
+    per_step = cfg.generation_batch_size // cfg.num_generations
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 1):
+        prompts = [" ".join(f"w{rng.randrange(3, shape['vocab_size'])}" for _ in range(PROMPT_TOKENS))
+                   for _ in range(per_step)]
+        m, _ = grpo.grpo_step(model, ref_model, tokenizer, optimizer, scheduler, prompts, [random_reward], cfg)
+        assert m["completion_length_min"] == length, "completions were not forced to the length asked for"
+        times.append({"generation": m["gen_time"], "pi_ref": m["logps_time"],
+                      "update": m["train_time"] - m["logps_time"], "step": m["step_time"],
+                      "gen_tokens_per_s": m["gen_tokens_per_s"]})
+    result = {k: statistics.median(t[k] for t in times[1:]) for k in times[0]}
+    result["peak_gb"] = (torch.cuda.max_memory_allocated() if device == "cuda" else  # Linux: ru_maxrss in KiB
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+    result["hours"] = result["step"] * total_steps / 3600
+    return result
+
+
+def preset_table(preset_name: str, lengths: list[int], steps: int, samplers: list[str]):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny = device == "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({cpu_name()}), at a tiny shape"
+    print(f"{preset_name} on {where}; torch {torch.__version__}; completions forced to each length; "
+          f"median of {steps} steps after a warm-up step")
+    print("| sampler | completion tokens | generation s | pi_ref s | update s | step s | generated tokens/s | "
+          "peak GB | hours for the preset's steps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for sampler in samplers:
+        for length in lengths:
+            r = bench_preset(preset_name, length, steps, device, tiny, sampler)
+            rows.append((sampler, length, r))
+            print(f"| {sampler} | {length} | {r['generation']:.2f} | {r['pi_ref']:.2f} | {r['update']:.2f} | "
+                  f"{r['step']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['peak_gb']:.1f}"
+                  f"{' (process RSS)' if device == 'cpu' else ''} | {r['hours']:.1f} |", flush=True)
+    return rows
+
+
 def cpu_name() -> str:
     """The CPU's model name where the system says it (Linux), else what the platform module knows."""
     try:
@@ -187,23 +342,39 @@ def step_table(steps=3):
                 print(f"{label}: skipped, this CPU has no native bfloat16 (emulated, it would take hours)")
                 continue
             rows.append((label, bench_step(cfg, forced, share, bf16, steps)))
+        if importlib.util.find_spec("trl") is None:
+            print("(d) TRL's GRPOTrainer: skipped, trl is not installed")
+        else:
+            for label, bf16 in [("(d) TRL GRPOTrainer, float32", False), ("(d) TRL GRPOTrainer, bfloat16", True)]:
+                if bf16 and not native:
+                    print(f"{label}: skipped, this CPU has no native bfloat16")
+                    continue
+                rows.append((label, bench_trl_step(cfg, forced, bf16, steps)))
         print(f"\n{name}: seconds per step, median of {steps} steps after a warm-up step")
         print("| variant | generation | pi_ref | update | whole step | x (a) |")
         print("|---|---:|---:|---:|---:|---:|")
         for label, t in rows:
             print(f"| {label} | {t['generation']:.2f} | {t['pi_ref']:.2f} | {t['update']:.2f} | {t['step']:.2f} | "
                   f"{rows[0][1]['step'] / t['step']:.1f} |")
-        print("TRL's GRPOTrainer at this setting: not run (trl is not installed)." if importlib.util.find_spec("trl")
-              is None else "TRL's GRPOTrainer at this setting: not yet part of this benchmark.")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["step", "kernel"], help="which benchmark")
-    parser.add_argument("--steps", type=int, default=3, help="step: timed steps per variant, after a warm-up step")
+    parser.add_argument("what", choices=["step", "kernel", "preset"], help="which benchmark")
+    parser.add_argument("--steps", type=int, default=3, help="step, preset: timed steps, after a warm-up step")
+    parser.add_argument("--preset", default="mini-r1", help="preset: which train_countdown.py preset")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="preset: completion lengths")
+    parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=list(SAMPLERS),
+                        help="preset: generate (plain), static (static KV cache), continuous (continuous batching)")
     args = parser.parse_args(argv)
     if args.what == "step":
         step_table(args.steps)
+    if args.what == "preset":
+        import train_countdown as tc
+
+        if args.preset not in tc.PRESETS or args.steps < 1 or min(args.lengths) < 1:
+            raise SystemExit(f"error: --preset is one of {sorted(tc.PRESETS)}; --steps and --lengths at least 1.")
+        preset_table(args.preset, args.lengths, args.steps, args.samplers)
     if args.what == "kernel":
         if not torch.cuda.is_available():
             raise SystemExit("bench.py kernel times the Triton kernel on a CUDA GPU; on a CPU, `python kernels.py` "

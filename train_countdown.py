@@ -6,6 +6,7 @@ once with + - * / and equals the target: 55 + 36 - 7 - 19. The reward is checkab
     python train_countdown.py                      # the embedded SmolLM2-135M-Instruct, ~5 min on a 2-core CPU
     python train_countdown.py --preset mini-r1     # Qwen2.5-3B-Instruct, the Mini-R1 tutorial, one 80 GB GPU
     python train_countdown.py --help               # every GRPOConfig field can be overridden: --learning-rate 1e-6
+    python train_countdown.py --trainer trl        # the same run on TRL's GRPOTrainer (and so on many GPUs)
 
 Writes to --output-dir: metrics.jsonl, curves.png, samples.txt, eval.json and checkpoint/ (resume with --resume).
 """
@@ -56,6 +57,17 @@ PRESETS = {
                     max_completion_length=1024, temperature=0.9, learning_rate=5e-7, beta=0.001, max_steps=450,
                     lr_scheduler_type="cosine", warmup_ratio=0.03, loss_type="grpo", bf16=True,
                     gradient_checkpointing=True, use_fused_loss=True, seed=42),
+    ),
+    # The same run with LoRA adapters on a frozen bfloat16 base, for a 24 GB card (memory plan in README.md). Not
+    # yet run on a GPU. LoRA usually wants a larger learning rate than full fine-tuning: 1e-5 is a start, not tuned.
+    "mini-r1-lora": dict(
+        model="Qwen/Qwen2.5-3B-Instruct", style="mini-r1", num_numbers=(3, 4), max_number=100, eval_size=200,
+        rewards={"format_reward": 1.0, "equation_reward": 1.0}, dtype=torch.bfloat16,
+        config=dict(num_generations=8, generation_batch_size=192, micro_batch_size=2, max_prompt_length=256,
+                    max_completion_length=1024, temperature=0.9, learning_rate=1e-5, beta=0.001, max_steps=450,
+                    lr_scheduler_type="cosine", warmup_ratio=0.03, loss_type="grpo", bf16=True,
+                    gradient_checkpointing=True, use_fused_loss=True, use_peft=True, lora_r=16, lora_alpha=32,
+                    seed=42),
     ),
 }
 
@@ -324,8 +336,18 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
     parser.add_argument("--sample-every", type=int, default=5, help="steps between sample dumps to samples.txt")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--reward-model", metavar="DIR_OR_ID", help="add a reward model (sequence classification, "
+                        "num_labels=1) to the task's rewards; the held-out accuracy still uses the exact checker")
+    parser.add_argument("--reward-model-weight", type=float, default=1.0, help="its weight (default 1)")
+    parser.add_argument("--reward-model-only", action="store_true",
+                        help="train on the reward model alone; the task's rewards are still logged, with weight 0")
+    parser.add_argument("--trainer", choices=["grpo", "trl"], default="grpo",
+                        help="grpo: this project's loop (grpo.py); trl: TRL's GRPOTrainer, for many GPUs (README.md)")
+    parser.add_argument("--use-vllm", action="store_true", help="--trainer trl: sample with vLLM (pip install vllm)")
+    parser.add_argument("--vllm-mode", choices=["colocate", "server"], default="colocate",
+                        help="--trainer trl --use-vllm: vLLM on the training GPUs, or a `trl vllm-serve` server")
     config = parser.add_argument_group("GRPOConfig fields (override the preset)")
-    parsers = {"int": int, "float": float, "float | None": float, "str": str}  # by annotation
+    parsers = {"int": int, "float": float, "float | None": float, "str": str, "str | None": str}  # by annotation
     for field in dataclasses.fields(grpo.GRPOConfig):
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if field.type == "bool":  # --bf16 / --no-bf16
@@ -524,6 +546,22 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> 
     path = find_checkpoint(out)
     damaged = ("is damaged ({}); each save replaces the previous checkpoint, so there is no older one: start "
                "again without --resume (or with another --output-dir).")
+    if grpo.is_lora(model):  # the checkpoint holds the adapters only (peft's save_pretrained)
+        load_adapters(path, model, damaged)
+    else:
+        load_weights(path, model, model_name, damaged)
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+    except Exception as error:  # truncated, overwritten, not a torch file
+        raise ValueError(f"{path / 'trainer_state.pt'} " + damaged.format(f"{type(error).__name__}: {error}"[:200])) from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
+
+
+def load_weights(path: Path, model, model_name: str, damaged: str) -> None:
     # Through from_pretrained, which reads sharded checkpoints (a 3B model's is), then a strict copy: a
     # checkpoint of another model is an error, not a silent partial load.
     try:
@@ -534,15 +572,21 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> 
         model.load_state_dict(saved.state_dict())
     except RuntimeError as error:
         raise ValueError(f"{path} is not a checkpoint of {model_name}: {str(error)[:300]}") from None
+
+
+def load_adapters(path: Path, model, damaged: str) -> None:
+    """LoRA: the adapters saved in path, into the model's, every one of them (strict, as load_weights)."""
+    import peft
+    from safetensors.torch import load_file
+
     try:
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
-    except Exception as error:  # truncated, overwritten, not a torch file
-        raise ValueError(f"{path / 'trainer_state.pt'} " + damaged.format(f"{type(error).__name__}: {error}"[:200])) from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return state["step"]
+        adapters = load_file(path / "adapter_model.safetensors")
+    except Exception as error:
+        raise ValueError(f"the adapters in {path} " + damaged.format(str(error).splitlines()[0][:200])) from None
+    expected = peft.get_peft_model_state_dict(model)
+    if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
+        raise ValueError(f"{path} does not hold this model's LoRA adapters (another model, rank or target modules).")
+    peft.set_peft_model_state_dict(model, adapters)
 
 
 def read_history(path: Path, step: int) -> list[dict]:
@@ -580,7 +624,30 @@ NO_SIGNAL_WARNING = (
 )
 
 
+def rewards(preset: dict, args, device) -> tuple[list[str], list, list[float], list]:
+    """(names, reward functions or models, weights, their tokenizers): the preset's rewards, and the reward model
+    of --reward-model (with --reward-model-only, the task's rewards stay, logged, at weight 0)."""
+    names = list(preset["rewards"])
+    funcs = [REWARD_FUNCS[name] for name in names]
+    weights = [0.0 if args.reward_model_only else preset["rewards"][name] for name in names]
+    classes = [None] * len(funcs)
+    if args.reward_model:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(args.reward_model).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(args.reward_model)
+        except OSError as error:
+            raise ValueError(f"could not load reward model {args.reward_model!r}: {str(error).splitlines()[0]}") from None
+        function = grpo.reward_model_function(model, tokenizer)  # checks num_labels == 1
+        names, funcs = names + [function.__name__], funcs + [model]
+        weights, classes = weights + [args.reward_model_weight], classes + [tokenizer]
+    return names, funcs, weights, classes
+
+
 def train(args) -> dict:
+    if args.trainer == "trl":
+        return train_with_trl(args)
     preset, cfg = build_config(args)  # every value checked before anything is loaded
     out = Path(args.output_dir)
     check_output_dir(out)
@@ -595,12 +662,14 @@ def train(args) -> dict:
     native_bf16, why = cpu_bf16(device) if cfg.bf16 else (True, "")
     if not native_bf16:
         print(f"warning: bf16 on this CPU: {why}, far slower than float32 (--no-bf16)")
-    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device)
+    # A frozen LoRA base may be bfloat16; trained weights stay float32 (a bf16 weight cannot take a small update)
+    dtype = preset.get("dtype") if cfg.use_peft else None
+    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device, dtype=dtype)
+    if cfg.use_peft:
+        model = grpo.add_lora(model, cfg)  # trains adapters only; pi_ref is the model with them switched off
     ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
-    reward_names = list(preset["rewards"])
-    reward_funcs = [REWARD_FUNCS[name] for name in reward_names]
-    weights = [preset["rewards"][name] for name in reward_names]
-    print(f"{preset['model']} on {device}; rewards {preset['rewards']}; {cfg.max_steps} steps of "
+    reward_names, reward_funcs, weights, reward_classes = rewards(preset, args, device)
+    print(f"{preset['model']} on {device}; rewards {dict(zip(reward_names, weights))}; {cfg.max_steps} steps of "
           f"{prompts_per_step} prompts x G={cfg.num_generations}; output in {out}")
 
     start_step, history, evals = 0, [], {}
@@ -634,7 +703,8 @@ def train(args) -> dict:
         prompts, columns = prompts_and_columns(index)
         metrics, rollouts = grpo.grpo_step(
             model, ref_model, tokenizer, optimizer, scheduler, prompts, reward_funcs, cfg, columns=columns,
-            reward_weights=weights, next_prompts=lambda: prompts_and_columns(extra.sample(order, prompts_per_step)))
+            reward_weights=weights, next_prompts=lambda: prompts_and_columns(extra.sample(order, prompts_per_step)),
+            reward_processing_classes=reward_classes)
         metrics["step"] = step + 1
         history.append(metrics)
         with open(out / "metrics.jsonl", "a") as f:
@@ -650,6 +720,13 @@ def train(args) -> dict:
         if (step + 1) % args.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
 
+    return finish_run(model, tokenizer, test_data, preset, cfg, out, evals, history)
+
+
+def finish_run(model, tokenizer, test_data, preset: dict, cfg: grpo.GRPOConfig, out: Path, evals: dict,
+               history: list[dict]) -> dict:
+    """After training (either trainer): the held-out accuracy, the single-operator baseline, the greedy answers
+    (eval_completions.jsonl) and the reward of the first and last fifth of the steps, into eval.json."""
     evals["after"], completions = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
     baseline, op = single_operator_baseline(test_data["nums"], test_data["target"])
     evals["single_operator_baseline"], evals["single_operator"] = baseline, op
@@ -669,6 +746,195 @@ def train(args) -> dict:
               f"last fifth {evals['reward_last_fifth']:.3f}")
     (out / "eval.json").write_text(json.dumps(evals, indent=1))
     return evals
+
+
+# ----------------------------------------------------------------------------------------------------
+# Past one GPU: the same run on TRL's GRPOTrainer (accelerate: many GPUs, DeepSpeed or FSDP; vLLM sampling).
+# The same preset, problems in the same order, prompt text, reward functions and weights; the same files out.
+# ----------------------------------------------------------------------------------------------------
+TRL_FIELDS = {  # each GRPOConfig field: TRL's GRPOConfig field of the same meaning, or None where TRL has none
+    "num_generations": "num_generations",
+    "generation_batch_size": "generation_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",  # and gradient_accumulation_steps, set to match
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_prompt_length": None,  # TRL 1.16 does not cut prompts: trl_dataset cuts their text to the same tokens
+    "max_completion_length": "max_completion_length",
+    "share_prompt": None,  # speed only: TRL encodes the prompt G times, with the same results
+    "cache_implementation": "cache_implementation",
+    "use_transformers_continuous_batching": "use_transformers_continuous_batching",
+    "mask_truncated_completions": "mask_truncated_completions",
+    "dynamic_sampling": None,  # must be off
+    "dynamic_sampling_rounds": None,  # used only by dynamic_sampling
+    "beta": "beta",
+    "epsilon": "epsilon",
+    "epsilon_high": "epsilon_high",
+    "loss_type": "loss_type",  # of TRL_LOSS_TYPES
+    "importance_sampling_level": "importance_sampling_level",
+    "delta": None,  # DPPO's and DRPO's bounds (TRL's `delta` is another one): set only with those loss_types
+    "delta_high": None,
+    "scale_rewards": "scale_rewards",
+    "num_iterations": "num_iterations",
+    "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler_type",
+    "warmup_ratio": "warmup_steps",  # transformers 5: a warmup_steps below 1 is a share of the steps
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "max_steps": "max_steps",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "bf16": "bf16",
+    "use_fused_loss": None,  # speed only: TRL has its own fused loss (use_liger_kernel), another kernel
+    "use_peft": None,  # TRL takes LoRA as the trainer's peft_config (train_with_trl passes grpo.lora_config)
+    "lora_r": None,
+    "lora_alpha": None,
+    "seed": "seed",
+}
+TRL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
+TRL_SPEED_ONLY = ("share_prompt", "use_fused_loss")
+TRL_METRICS = {  # what TRL logs -> the name metrics.jsonl uses, where it is the same quantity
+    "loss": "loss", "grad_norm": "grad_norm", "learning_rate": "learning_rate", "reward": "reward",
+    "reward_std": "reward_std", "frac_reward_zero_std": "frac_reward_zero_std", "kl": "kl", "entropy": "entropy",
+    "completions/mean_length": "completion_length", "completions/min_length": "completion_length_min",
+    "completions/max_length": "completion_length_max", "completions/clipped_ratio": "truncated_fraction",
+    "clip_ratio/low_mean": "clip_ratio/low_mean", "clip_ratio/high_mean": "clip_ratio/high_mean",
+    "clip_ratio/region_mean": "clip_ratio/region_mean", "step_time": "step_time",
+}
+
+
+def trl_config(cfg: grpo.GRPOConfig, out: Path, reward_weights: list[float], num_processes: int = 1, **trl_options):
+    """TRL's GRPOConfig from this project's, every field mapped as TRL_FIELDS says. A field TRL has no counterpart for
+    is an error that names it, unless it changes only the speed (TRL_SPEED_ONLY). trl_options: TRL's own options
+    (use_cpu, save_steps, use_vllm, vllm_mode...), passed as they are."""
+    import trl
+
+    unmapped = [f.name for f in dataclasses.fields(cfg) if f.name not in TRL_FIELDS]
+    if unmapped:  # a new GRPOConfig field must be given its TRL counterpart, or None, above
+        raise ValueError(f"GRPOConfig fields {unmapped} are not in TRL_FIELDS: map them before running on TRL.")
+    if cfg.loss_type not in TRL_LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r} has no counterpart in TRL's GRPOTrainer (it has "
+                         f"{', '.join(TRL_LOSS_TYPES)}); run it with --trainer grpo.")
+    if cfg.dynamic_sampling:
+        raise ValueError("dynamic_sampling has no counterpart in TRL's GRPOTrainer; run it with --trainer grpo, "
+                         "or leave it off.")
+    per_pass = cfg.micro_batch_size * num_processes  # completions per forward/backward, over all processes
+    if cfg.generation_batch_size % per_pass:
+        raise ValueError(f"with TRL, generation_batch_size ({cfg.generation_batch_size}) must be a multiple of "
+                         f"micro_batch_size x processes ({cfg.micro_batch_size} x {num_processes}).")
+    fields = {theirs: getattr(cfg, ours) for ours, theirs in TRL_FIELDS.items() if theirs is not None}
+    if cfg.warmup_ratio >= 1:  # transformers reads warmup_steps >= 1 as a number of steps
+        fields["warmup_steps"] = cfg.max_steps * cfg.num_iterations
+    return trl.GRPOConfig(
+        **fields,
+        gradient_accumulation_steps=cfg.generation_batch_size // per_pass,  # one optimiser step per pass over a batch
+        reward_weights=reward_weights,
+        shuffle_dataset=False,  # the dataset is already in this project's order (trl_dataset)
+        optim="adamw_torch",  # torch.optim.AdamW, as grpo.setup
+        output_dir=str(out / "trl"),
+        logging_steps=1,
+        report_to="none",
+        **trl_options,
+    )
+
+
+def trl_dataset(tokenizer, train_data, order: list[int], preset: dict, cfg: grpo.GRPOConfig):
+    """The problems, in the order this project's loop takes them, as a datasets.Dataset with TRL's prompt column:
+    the prompt as plain text (TRL's "standard" format), the very text sample_groups encodes: chat template,
+    pre-filled assistant turn, the same max_prompt_length cut. The reward functions then get from TRL what they get
+    from grpo.py (prompts and completions as strings, completion_ids, the nums and target columns): the one place
+    that could adapt them to TRL has nothing to do."""
+    from datasets import Dataset
+
+    per_step = cfg.generation_batch_size // cfg.num_generations
+    rows = train_data.select([order[i % len(order)] for i in range(cfg.max_steps * per_step)])
+    prompts = [cut_prompt(tokenizer, make_prompt(tokenizer, n, t, preset["style"]), cfg.max_prompt_length)
+               for n, t in zip(rows["nums"], rows["target"])]
+    extra = len(tokenizer(prompts[0])["input_ids"]) - len(tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
+    if extra:  # TRL tokenizes prompts with the tokenizer's special tokens; grpo.py does not add them
+        raise ValueError(f"this tokenizer adds {extra} special token(s) to a prompt's text, which grpo.py does not: "
+                         "TRL would see other tokens. Use a model whose tokenizer adds none (SmolLM2, Qwen2.5).")
+    return Dataset.from_dict({"prompt": prompts, "nums": rows["nums"], "target": rows["target"]})
+
+
+def cut_prompt(tokenizer, text: str, max_tokens: int) -> str:
+    """The text of a prompt's last max_tokens tokens, as sample_groups keeps them (TRL 1.16 cuts no prompt)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    cut = tokenizer.decode(ids[-max_tokens:])
+    if tokenizer(cut, add_special_tokens=False)["input_ids"] != ids[-max_tokens:]:
+        raise ValueError(f"a prompt of {len(ids)} tokens cut to max_prompt_length={max_tokens} does not encode back "
+                         f"to the same tokens; pass --max-prompt-length {len(ids)} or more.")
+    return cut
+
+
+def trl_logger(out: Path, history: list[dict], reward_names: list[str], beta: float):
+    """A transformers callback: each TRL log of a training step becomes a metrics.jsonl line, with this project's
+    names where TRL logs the same quantity (TRL_METRICS), and curves.png is redrawn."""
+    from transformers import TrainerCallback
+
+    class CountdownLog(TrainerCallback):  # a class because transformers' callbacks are
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or "reward" not in (logs or {}):  # a step's log has its rewards
+                return
+            metrics = {ours: logs[theirs] for theirs, ours in TRL_METRICS.items() if theirs in logs}
+            metrics.update({f"rewards/{name}": logs[f"rewards/{name}/mean"] for name in reward_names})
+            if beta == 0:  # TRL logs no KL without a KL term; grpo.py logs 0
+                metrics["kl"] = 0.0
+            metrics["step"] = len(history) + 1
+            history.append(metrics)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            plot_curves(history, out / "curves.png", reward_names)
+
+    return CountdownLog()
+
+
+def train_with_trl(args) -> dict:
+    """The same run on TRL's GRPOTrainer: one process here, or many under `accelerate launch` (README.md)."""
+    import trl
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    preset, cfg = build_config(args)  # every value checked before anything is loaded
+    out = Path(args.output_dir)
+    check_output_dir(out)
+    device = check_device(args.device)
+    random.seed(cfg.seed)
+    train_data, test_data, order = countdown_data(args.dataset, preset, cfg)
+    state = PartialState(cpu=device == "cpu")
+    reward_names, reward_funcs, weights, reward_classes = rewards(preset, args, state.device)
+    config = trl_config(cfg, out, weights, state.num_processes, use_cpu=device == "cpu", save_steps=args.save_every,
+                        use_vllm=args.use_vllm, vllm_mode=args.vllm_mode)
+    print(f"TRL's GRPOTrainer (trl {trl.__version__}) in {state.num_processes} process(es), on {state.device}; without "
+          f"grpo.py's own speed-ups ({', '.join(TRL_SPEED_ONLY)}), which change no result")
+    dtype = preset.get("dtype") if cfg.use_peft else None  # a bfloat16 base only when it is frozen
+    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=state.device, dtype=dtype)
+    dataset = trl_dataset(tokenizer, train_data, order, preset, cfg)
+
+    history, evals, resume = [], {}, None
+    if args.resume:
+        resume = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
+        if resume is None:
+            raise FileNotFoundError(f"no TRL checkpoint in {out / 'trl'} to resume from; run without --resume.")
+        history = read_history(out / "metrics.jsonl", int(resume.rsplit("-", 1)[1]) // cfg.num_iterations)
+        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
+    if state.is_main_process:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if "before" not in evals:
+        evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
+        print(f"held-out accuracy before training (greedy, {len(test_data)} problems): {evals['before']:.3f}")
+        if state.is_main_process:
+            (out / "eval.json").write_text(json.dumps(evals, indent=1))
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_funcs, reward_processing_classes=reward_classes,
+                              args=config, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=grpo.lora_config(cfg) if cfg.use_peft else None,
+                              callbacks=[trl_logger(out, history, reward_names, cfg.beta)])
+    trainer.train(resume_from_checkpoint=resume)
+    if not state.is_main_process:
+        return evals
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return finish_run(model, tokenizer, test_data, preset, cfg, out, evals, history)
 
 
 def main(argv=None):
