@@ -388,6 +388,14 @@ def reward_model_function(model, tokenizer, batch_size: int = 16) -> Callable:
     return score
 
 
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """How a reward model is trained on preference pairs (Bradley and Terry 1952; InstructGPT's eq. 1): the
+    probability that the chosen answer beats the rejected one is sigmoid(r_chosen - r_rejected), and the loss is its
+    negative log-likelihood, -log sigmoid(r_chosen - r_rejected), averaged over the pairs. chosen, rejected: (N,).
+    Example: scores 2 and 0 give -log sigmoid(2) = 0.127; equal scores give log 2 = 0.693."""
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+
 def checked_reward(name: str, i: int, value) -> float:
     """One reward as a float (NaN for None, "not judged"), or an error that names the function and completion:
     a reward must be a real number that float32 holds (1e39 would become inf, and every advantage NaN)."""

@@ -825,6 +825,20 @@ def test_reward_model_with_a_conversational_prompt_uses_the_chat_template():
     assert got == pytest.approx([expected], abs=1e-5)
 
 
+def test_bradley_terry_loss_is_the_float64_formula():
+    chosen = torch.tensor([2.0, 0.0, -1.0, 30.0, -30.0], dtype=torch.float64)
+    rejected = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    loss = grpo.bradley_terry_loss(c, r)
+    loss.backward()
+    d = (chosen - rejected).tolist()
+    expected = sum(math.log(1 + math.exp(-x)) for x in d) / len(d)  # -log(1 / (1 + e^-d)), one pair at a time
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert c.grad.tolist() == pytest.approx([-1 / (1 + math.exp(x)) / len(d) for x in d], rel=1e-12)
+    assert torch.equal(r.grad, -c.grad)
+    assert grpo.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(0.127, abs=1e-3)
+
+
 def test_reward_model_mistakes_are_one_line_errors():
     with pytest.raises(ValueError, match="num_labels=2.*num_labels=1"):
         grpo.reward_model_function(tiny_reward_model(num_labels=2), tiny_tokenizer())
@@ -1774,7 +1788,7 @@ def test_single_operator_baseline_hand_examples():
 # notebook runs depends on the machine, and no test may.
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, figures", [("01_grpo_step_by_step", 4), ("02_countdown", 2), ("03_fused_loss", 2),
-                                            ("04_variants", 3)])
+                                            ("04_variants", 3), ("05_reward_models", 1)])
 def test_notebook_runs(name, figures):
     import nbformat
     from nbclient import NotebookClient
