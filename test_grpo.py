@@ -1693,7 +1693,8 @@ def test_trl_config_maps_every_field(tmp_path):
         "top_p": 0.9, "top_k": 5, "max_completion_length": 33, "mask_truncated_completions": True, "beta": 0.02,
         "epsilon": 0.1, "epsilon_high": 0.3, "loss_type": "dr_grpo", "importance_sampling_level": "sequence",
         "scale_rewards": "batch", "num_iterations": 2, "learning_rate": 3e-6, "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5, "max_steps": 7,
+        "warmup_steps": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5,
+        "max_steps": 14,  # TRL counts optimiser steps: 7 GRPO steps of num_iterations = 2 each
         "gradient_checkpointing": True, "seed": 3, "reward_weights": [1.0, 0.5], "cache_implementation": "static",
         "use_transformers_continuous_batching": False,
         "gradient_accumulation_steps": 8,  # 24 completions / 3 per pass: one optimiser step per batch, as grpo.py

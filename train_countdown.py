@@ -781,7 +781,7 @@ TRL_FIELDS = {  # each GRPOConfig field: TRL's GRPOConfig field of the same mean
     "warmup_ratio": "warmup_steps",  # transformers 5: a warmup_steps below 1 is a share of the steps
     "weight_decay": "weight_decay",
     "max_grad_norm": "max_grad_norm",
-    "max_steps": "max_steps",
+    "max_steps": "max_steps",  # times num_iterations: TRL counts optimiser steps, mu of them per GRPO step
     "gradient_checkpointing": "gradient_checkpointing",
     "bf16": "bf16",
     "use_fused_loss": None,  # speed only: TRL has its own fused loss (use_liger_kernel), another kernel
@@ -822,6 +822,7 @@ def trl_config(cfg: grpo.GRPOConfig, out: Path, reward_weights: list[float], num
         raise ValueError(f"with TRL, generation_batch_size ({cfg.generation_batch_size}) must be a multiple of "
                          f"micro_batch_size x processes ({cfg.micro_batch_size} x {num_processes}).")
     fields = {theirs: getattr(cfg, ours) for ours, theirs in TRL_FIELDS.items() if theirs is not None}
+    fields["max_steps"] = cfg.max_steps * cfg.num_iterations
     if cfg.warmup_ratio >= 1:  # transformers reads warmup_steps >= 1 as a number of steps
         fields["warmup_steps"] = cfg.max_steps * cfg.num_iterations
     return trl.GRPOConfig(
