@@ -170,6 +170,7 @@ def bench_trl_step(cfg, forced_length, bf16, steps):
     import dataclasses
     import tempfile
     import time
+    from pathlib import Path
 
     import trl
     from transformers import TrainerCallback
@@ -205,7 +206,7 @@ def bench_trl_step(cfg, forced_length, bf16, steps):
 
     with tempfile.TemporaryDirectory() as out:
         generation_kwargs = {"min_new_tokens": forced_length} if forced_length else None
-        config = tc.trl_config(cfg, tc.Path(out), list(preset["rewards"].values()), use_cpu=True, save_strategy="no",
+        config = tc.trl_config(cfg, Path(out), list(preset["rewards"].values()), use_cpu=True, save_strategy="no",
                                logging_strategy="no", disable_tqdm=True, generation_kwargs=generation_kwargs)
         funcs = [tc.REWARD_FUNCS[n] for n in preset["rewards"]]
         trainer = trl.GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,

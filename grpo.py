@@ -24,9 +24,9 @@ We minimise L = -J. Names follow TRL's GRPOTrainer/GRPOConfig wherever the conce
 file can be read beside TRL's. Shapes: B is the number of completions in a batch (prompts * G), P the
 prompt length, T the completion length, V the vocabulary size.
 
-GRPO's variants swap one piece each: loss_type (how token losses are averaged: DAPO, Dr. GRPO; or CISPO's clipped
-weight), importance_sampling_level (GSPO's ratio per completion), dynamic_sampling and
-get_soft_overlong_punishment (DAPO's sampling and length reward). README.md has the table, with their papers.
+GRPO's variants swap one piece each: loss_type (how token losses are averaged: DAPO, Dr. GRPO; or another
+per-token surrogate: CISPO, DPPO, DRPO), importance_sampling_level (GSPO's ratio per completion), dynamic_sampling
+and get_soft_overlong_punishment (DAPO's sampling and length reward). README.md has the table, with their papers.
 
 Where this file departs from the paper: pi_ref is the initial policy for the whole run (as in TRL), while
 DeepSeekMath's Algorithm 1 resets pi_ref to pi_theta at the start of each outer iteration.
@@ -430,8 +430,15 @@ def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int
     start = max_completion_len - soft_punish_cache  # L_max - L_cache: where the ramp begins
 
     def soft_overlong_punishment(completion_ids, **kwargs) -> list[float]:
-        return [0.0 if len(ids) <= start else (start - len(ids)) / soft_punish_cache if len(ids) <= max_completion_len
-                else -1.0 for ids in completion_ids]
+        rewards = []
+        for ids in completion_ids:
+            if len(ids) <= start:
+                rewards.append(0.0)  # short enough: no penalty
+            elif len(ids) <= max_completion_len:
+                rewards.append((start - len(ids)) / soft_punish_cache)  # the ramp, from 0 down to -1
+            else:
+                rewards.append(-1.0)  # past the limit
+        return rewards
 
     return soft_overlong_punishment
 
