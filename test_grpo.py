@@ -1110,6 +1110,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from fractions import Fraction  # noqa: E402
 
 import train_countdown as tc  # noqa: E402
 
@@ -1126,6 +1127,28 @@ def test_generated_problems_are_solvable_and_deterministic():
         expression = tc.solve(nums, target)  # an independent search finds an equation ...
         result = tc.safe_eval(expression)  # ... which really uses the numbers and hits the target
         assert sorted(result[1]) == sorted(nums) and result[0] == target
+
+
+def test_balanced_problems_make_every_operation_about_equally_common():
+    def solved_by(nums, target):  # which operations solve a 2-number problem, in either order (exact fractions)
+        a, b = map(Fraction, nums)
+        return {sym for sym, f in [("+", lambda x, y: x + y), ("-", lambda x, y: x - y), ("*", lambda x, y: x * y),
+                                   ("/", lambda x, y: x / y)] for x, y in ((a, b), (b, a)) if f(x, y) == target}
+
+    share = {}
+    for balanced in (False, True):
+        data = tc.generate_dataset(400, seed=0, num_numbers=(2,), max_number=20, balanced=balanced)
+        share[balanced] = {sym: sum(sym in solved_by(n, t) for n, t in zip(data["nums"], data["target"])) / 400
+                           for sym in "+-*/"}
+    assert share[False]["/"] < 0.1 and share[False]["+"] > 0.4  # the default: / must divide evenly, so it is rare
+    assert all(0.2 <= s <= 0.45 for s in share[True].values()), share[True]  # each about a quarter (* and / tie on 1)
+    balanced = tc.generate_dataset(400, seed=0, num_numbers=(2,), max_number=20, balanced=True)
+    assert tc.single_operator_baseline(balanced["nums"], balanced["target"])[0] < 0.4
+    # balanced=False draws exactly as before (the committed runs and notebooks depend on it)
+    assert tc.generate_dataset(2, seed=0, num_numbers=(2,), max_number=20).to_list() == [
+        {"nums": [14, 2], "target": 28}, {"nums": [16, 12], "target": 4}]
+    for row in tc.generate_dataset(40, seed=3, num_numbers=(3,), max_number=20, balanced=True):
+        assert tc.safe_eval(tc.solve(row["nums"], row["target"]))[0] == row["target"]
 
 
 def test_solver_finds_known_answers_and_rejects_impossible():
@@ -1413,6 +1436,7 @@ def test_shared_prompt_gives_the_same_log_probs_on_the_embedded_model():
         (["--warmup-ratio", "-0.1"], "warmup_ratio must be in [0, 1]"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--balanced-ops", "--dataset", "problems.jsonl"], "--balanced-ops shapes generated problems only"),
     ],
 )
 def test_cli_values_checked_before_any_model_loads(args, message, tmp_path):

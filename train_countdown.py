@@ -78,19 +78,28 @@ PRESETS = {
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
-def make_problem(rng: random.Random, num_numbers: int, max_number: int, ops: str = "+-*/") -> dict:
+def make_problem(rng: random.Random, num_numbers: int, max_number: int, ops: str = "+-*/",
+                 balanced: bool = False) -> dict:
     """Draw numbers, then combine random pairs with random operations until one value is left: the target.
-    Every intermediate is a positive integer, as in the game. Example: [4, 7, 2] -> 4 * 2 = 8, 8 + 7 = 15."""
+    Every intermediate is a positive integer, as in the game. Example: [4, 7, 2] -> 4 * 2 = 8, 8 + 7 = 15.
+    By default each operation is drawn among those the numbers allow (so / is rare: it must divide evenly);
+    balanced: the operations are drawn first, each of ops equally likely, and the numbers until they allow them."""
+    wanted = [rng.choice(ops) if balanced else None for _ in range(num_numbers - 1)]
     while True:
         nums = [rng.randint(1, max_number) for _ in range(num_numbers)]
         pool = [Fraction(n) for n in nums]
-        while len(pool) > 1:
+        for op in wanted:
             a, b = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
-            choices = [op for op in ops if (op != "-" or a > b) and (op != "/" or (b != 0 and a % b == 0))]
-            pool.append(OPS[rng.choice(choices)](a, b) if choices else a + b)
-        target = pool[0]
-        if target.denominator == 1 and 0 < target <= 10 * max_number:
-            return {"nums": nums, "target": int(target)}
+            choices = [sym for sym in ops if (sym != "-" or a > b) and (sym != "/" or (b != 0 and a % b == 0))]
+            if not balanced:
+                op = rng.choice(choices) if choices else "+"
+            elif op not in choices:
+                break  # these numbers do not allow the wanted operation: draw new ones
+            pool.append(OPS[op](a, b))
+        else:
+            target = pool[0]
+            if target.denominator == 1 and 0 < target <= 10 * max_number:
+                return {"nums": nums, "target": int(target)}
 
 
 def solve(nums: list[int], target: int) -> str | None:
@@ -118,13 +127,14 @@ def solve(nums: list[int], target: int) -> str | None:
     return search(items)
 
 
-def generate_dataset(size: int, seed: int, num_numbers=(3, 4), max_number: int = 100, ops: str = "+-*/"):
+def generate_dataset(size: int, seed: int, num_numbers=(3, 4), max_number: int = 100, ops: str = "+-*/",
+                     balanced: bool = False):
     """A datasets.Dataset of `size` solvable problems with columns nums and target, the same for a seed.
     Default shape: 3 or 4 numbers up to 100, as in Jiayi-Pan/Countdown-Tasks-3to4."""
     from datasets import Dataset
 
     rng = random.Random(seed)
-    rows = [make_problem(rng, rng.choice(num_numbers), max_number, ops) for _ in range(size)]
+    rows = [make_problem(rng, rng.choice(num_numbers), max_number, ops, balanced) for _ in range(size)]
     for row in rows:
         assert solve(row["nums"], row["target"]) is not None, row  # solvable by construction; checked anyway
     return Dataset.from_list(rows)
@@ -330,6 +340,9 @@ def parse_args(argv=None):
                         "file with columns nums and target; default: generate problems offline")
     parser.add_argument("--num-numbers", type=int, nargs="+", help="generated problems: how many numbers (e.g. 3 4)")
     parser.add_argument("--max-number", type=int, help="generated problems: largest number")
+    parser.add_argument("--balanced-ops", action="store_true", dest="balanced",
+                        help="generated problems: each operation equally common, so that no one-operator habit scores "
+                        "well (2 numbers up to 20: the best single operator scores 0.33 instead of 0.44)")
     parser.add_argument("--eval-size", type=int, help="held-out problems for the greedy accuracy before and after")
     parser.add_argument("--output-dir", default="runs/countdown")
     parser.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint")
@@ -365,8 +378,11 @@ def build_config(args) -> tuple[dict, grpo.GRPOConfig]:
     for key in ("model", "num_numbers", "max_number", "eval_size"):
         if getattr(args, key, None) is not None:
             preset[key] = tuple(args.num_numbers) if key == "num_numbers" else getattr(args, key)
+    preset["balanced"] = preset.get("balanced", False) or getattr(args, "balanced", False)
     if not all(2 <= n <= 6 for n in preset["num_numbers"]) or preset["max_number"] < 1 or preset["eval_size"] < 1:
         raise ValueError("--num-numbers takes values from 2 to 6, and --max-number and --eval-size must be at least 1.")
+    if preset.get("balanced") and args.dataset:
+        raise ValueError("--balanced-ops shapes generated problems only; leave it out with --dataset.")
     if cfg.max_steps < 1 or args.save_every < 1 or args.sample_every < 1:
         raise ValueError(f"--max-steps, --save-every and --sample-every must be at least 1 (got {cfg.max_steps}, "
                          f"{args.save_every}, {args.sample_every}).")
@@ -494,7 +510,8 @@ def countdown_data(dataset: str | None, preset: dict, cfg: grpo.GRPOConfig):
     else:
         prompts_per_step = cfg.generation_batch_size // cfg.num_generations
         size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
-        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"])
+        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"],
+                                balanced=preset.get("balanced", False))
     split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
     order = torch.randperm(len(split["train"]), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     return split["train"], split["test"], order
