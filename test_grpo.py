@@ -1149,6 +1149,9 @@ def test_balanced_problems_make_every_operation_about_equally_common():
         {"nums": [14, 2], "target": 28}, {"nums": [16, 12], "target": 4}]
     for row in tc.generate_dataset(40, seed=3, num_numbers=(3,), max_number=20, balanced=True):
         assert tc.safe_eval(tc.solve(row["nums"], row["target"]))[0] == row["target"]
+    # numbers too small for some operations (1 - 1 is not positive): it still ends, with solvable problems
+    for n, m in [(2, 1), (6, 2)]:
+        assert len(tc.generate_dataset(20, seed=0, num_numbers=(n,), max_number=m, balanced=True)) == 20
 
 
 def test_solver_finds_known_answers_and_rejects_impossible():

@@ -84,8 +84,9 @@ def make_problem(rng: random.Random, num_numbers: int, max_number: int, ops: str
     Every intermediate is a positive integer, as in the game. Example: [4, 7, 2] -> 4 * 2 = 8, 8 + 7 = 15.
     By default each operation is drawn among those the numbers allow (so / is rare: it must divide evenly);
     balanced: the operations are drawn first, each of ops equally likely, and the numbers until they allow them."""
-    wanted = [rng.choice(ops) if balanced else None for _ in range(num_numbers - 1)]
-    while True:
+    for tries in itertools.count():
+        if tries % 1000 == 0:  # balanced: new operations now and then, as small numbers cannot make some (1 - 1)
+            wanted = [rng.choice(ops) if balanced else None for _ in range(num_numbers - 1)]
         nums = [rng.randint(1, max_number) for _ in range(num_numbers)]
         pool = [Fraction(n) for n in nums]
         for op in wanted:
