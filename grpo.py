@@ -41,6 +41,7 @@ import numbers
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -76,7 +77,7 @@ class GRPOConfig:
     )
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = off"})
     max_prompt_length: int = field(
-        default=512, metadata={"help": "longer prompts are cut from the left, keeping their end"}
+        default=512, metadata={"help": "longer prompts are cut from the left, keeping their end (with a warning)"}
     )
     max_completion_length: int = field(default=256, metadata={"help": "tokens sampled per completion at most"})
     share_prompt: bool = field(
@@ -224,6 +225,10 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     # Left padding puts every prompt's last token in the same column, so completions start together; cutting
     # columns from the left keeps the end of an over-long prompt (where the question is).
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    if enc["input_ids"].shape[1] > cfg.max_prompt_length:  # a cut prompt loses its start: say so (once per process)
+        warnings.warn(f"prompts longer than max_prompt_length={cfg.max_prompt_length} tokens are cut from the left "
+                      "and lose their start (a system message, an example); raise max_prompt_length to keep them whole.",
+                      stacklevel=2)
     device = next(model.parameters()).device
     unique_ids = enc["input_ids"][:, -cfg.max_prompt_length :].to(device)  # (num_prompts, P)
     unique_mask = enc["attention_mask"][:, -cfg.max_prompt_length :].to(device)  # (num_prompts, P)

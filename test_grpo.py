@@ -649,6 +649,32 @@ def test_dynamic_sampling_needs_a_source_of_prompts():
                        [fraction_of_a], cfg)
 
 
+def test_a_prompt_cut_to_max_prompt_length_is_said_and_keeps_its_end():
+    # "b c d e" is 4 tokens: max_prompt_length 2 keeps "d e" and warns; 4 cuts nothing and stays silent.
+    import warnings
+
+    tok = tiny_tokenizer()
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=4, max_completion_length=2, max_prompt_length=2)
+    with pytest.warns(UserWarning, match="max_prompt_length=2 tokens are cut from the left"):
+        batch = grpo.sample_groups(tiny_model(), tok, ["b c d e", "f"], cfg)
+    assert batch["prompt_ids"][0].tolist() == tok("d e", add_special_tokens=False)["input_ids"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grpo.sample_groups(tiny_model(), tok, ["b c d e", "f"], dataclasses.replace(cfg, max_prompt_length=4))
+    assert not [w for w in caught if "max_prompt_length" in str(w.message)]
+
+
+def test_cpu_preset_prompts_are_never_cut():
+    # The training prompts must be the held-out evaluation's prompts (greedy_accuracy does not cut): the longest
+    # answer-style prompt for 2 numbers up to 20 (two 2-digit numbers, a 3-digit target) fits max_prompt_length.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(grpo.embedded_model_dir())
+    preset = tc.PRESETS["cpu"]
+    prompt = tc.make_prompt(tokenizer, [20, 19], 380, preset["style"])
+    assert 128 < len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= preset["config"]["max_prompt_length"]
+
+
 def test_completion_mask_stops_after_first_eos():
     cfg = grpo.GRPOConfig(num_generations=8, generation_batch_size=16, max_completion_length=12)
     torch.manual_seed(0)
@@ -1761,10 +1787,10 @@ def test_trl_config_error_is_one_line_from_the_cli(tmp_path):
 
 def test_trl_sees_the_prompts_grpo_py_encodes_in_the_same_order():
     # The prompt column, tokenized as TRL tokenizes it, equals the prompt tokens sample_groups feeds the model, step by
-    # step in the training loop's order, with the cut to max_prompt_length (the answer-style prompt is 129+ tokens).
+    # step in the training loop's order, cut to max_prompt_length 128 (the answer-style prompts are 127 to 131 tokens).
     pytest.importorskip("trl")
     preset = tc.PRESETS["cpu"]
-    cfg = grpo.GRPOConfig(**{**preset["config"], "max_steps": 2, "max_completion_length": 1})
+    cfg = grpo.GRPOConfig(**{**preset["config"], "max_steps": 2, "max_completion_length": 1, "max_prompt_length": 128})
     train_data, _, order = tc.countdown_data(None, preset, cfg)
     model, tokenizer = grpo.load_model_and_tokenizer(grpo.EMBEDDED_MODEL)
     dataset = tc.trl_dataset(tokenizer, train_data, order, preset, cfg)

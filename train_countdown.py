@@ -45,7 +45,7 @@ PRESETS = {
     "cpu": dict(
         model=grpo.EMBEDDED_MODEL, style="answer", num_numbers=(2,), max_number=20, eval_size=32,
         rewards={"numbers_reward": 1.0, "equation_reward": 1.0, "format_reward": 0.0},
-        config=dict(num_generations=8, generation_batch_size=16, micro_batch_size=16, max_prompt_length=128,
+        config=dict(num_generations=8, generation_batch_size=16, micro_batch_size=16, max_prompt_length=256,
                     max_completion_length=20, temperature=1.0, learning_rate=1e-5, beta=0.04, max_steps=30,
                     lr_scheduler_type="constant", warmup_ratio=0.0, loss_type="grpo", seed=0),
     ),
