@@ -225,7 +225,7 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     # Left padding puts every prompt's last token in the same column, so completions start together; cutting
     # columns from the left keeps the end of an over-long prompt (where the question is).
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    if enc["input_ids"].shape[1] > cfg.max_prompt_length:  # a cut prompt loses its start: say so (once per process)
+    if enc["input_ids"].shape[1] > cfg.max_prompt_length:  # a cut prompt loses its start: say so (Python shows it once)
         warnings.warn(f"prompts longer than max_prompt_length={cfg.max_prompt_length} tokens are cut from the left "
                       "and lose their start (a system message, an example); raise max_prompt_length to keep them whole.",
                       stacklevel=2)
