@@ -666,7 +666,8 @@ def test_a_prompt_cut_to_max_prompt_length_is_said_and_keeps_its_end():
 
 def test_cpu_preset_prompts_are_never_cut():
     # The training prompts must be the held-out evaluation's prompts (greedy_accuracy does not cut): the longest
-    # answer-style prompt for 2 numbers up to 20 (two 2-digit numbers, a 3-digit target) fits max_prompt_length.
+    # answer-style prompt for 2 numbers up to 20 fits max_prompt_length. [20, 19] -> 380 has as many digits as any
+    # generated problem can (targets stop at 10 * max_number = 200), though it is not one.
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(grpo.embedded_model_dir())
