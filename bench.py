@@ -44,10 +44,10 @@ def reference_loss(logits, ids, old, ref, adv, mask):
 
 def fused_loss(logits, ids, old, ref, adv, mask, inplace):
     """The Triton kernel, then grpo.aggregate_loss, as grpo.py calls it."""
-    import kernels
+    import grpo_kernels
 
     kw = {k: v for k, v in LOSS_ARGS.items() if k != "loss_type"}
-    per_token = kernels.fused_per_token_loss(logits, ids, old, ref, adv, mask, inplace=inplace, **kw)
+    per_token = grpo_kernels.fused_per_token_loss(logits, ids, old, ref, adv, mask, inplace=inplace, **kw)
     return grpo.aggregate_loss(*per_token[:4], mask, beta=LOSS_ARGS["beta"], loss_type=LOSS_ARGS["loss_type"])[0]
 
 
@@ -378,15 +378,15 @@ def main(argv=None):
         preset_table(args.preset, args.lengths, args.steps, args.samplers)
     if args.what == "kernel":
         if not torch.cuda.is_available():
-            raise SystemExit("bench.py kernel times the Triton kernel on a CUDA GPU; on a CPU, `python kernels.py` "
+            raise SystemExit("bench.py kernel times the Triton kernel on a CUDA GPU; on a CPU, `python grpo_kernels.py` "
                              "checks it under Triton's interpreter.")
         import triton
 
-        import kernels
+        import grpo_kernels
 
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
         for shape in [(8, 1024, 151936), (16, 512, 49152)]:  # Qwen2.5's vocabulary, then SmolLM2's
-            loss_err, grad_err = kernels.check_against_reference(*shape, torch.bfloat16, "cuda")
+            loss_err, grad_err = grpo_kernels.check_against_reference(*shape, torch.bfloat16, "cuda")
             print(f"check {shape} bf16: loss relative error {loss_err:.1e}, d(logits) relative error {grad_err:.1e}")
             assert loss_err < 1e-4 and grad_err < 1e-2, "the kernel disagrees with the reference: no timings"
         for shape in [(8, 1024, 151936), (16, 512, 49152)]:

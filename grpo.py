@@ -48,6 +48,8 @@ from typing import Callable
 
 import torch
 import torch.utils.checkpoint
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 CLIPPED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")  # PPO's clipped surrogate, averaged four ways
@@ -57,6 +59,8 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 CISPO_EPSILON_HIGH = 5.0  # CISPO's cap on the importance weight when epsilon_high is not set (TRL's recommendation)
 DELTA = {"dppo": 0.15, "drpo": 12.5}  # the published default of each loss_type's delta
 DPPO_MAX_RATIO = 20.0  # DPPO's cap C on the (detached) importance weight, as published
+# The KV cache's argument and output field: transformers 5.24 renamed past_key_values to cache (the old name warns).
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ class GRPOConfig:
         default=False, metadata={"help": "bfloat16 matmuls (autocast), float32 weights; a CPU gains only with native bf16"}
     )
     use_fused_loss: bool = field(
-        default=True, metadata={"help": "on CUDA: the fused Triton loss of kernels.py instead of the PyTorch one"}
+        default=True, metadata={"help": "on CUDA: the fused Triton loss of grpo_kernels.py instead of the PyTorch one"}
     )
     seed: int = field(default=0, metadata={"help": "seeds the sampling, the data order and the micro-batch order"})
 
@@ -253,10 +257,10 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
             position_ids = (unique_mask.cumsum(dim=1) - 1).masked_fill(unique_mask == 0, 0)  # (num_prompts, P)
             cache = model(input_ids=unique_ids[:, :-1], attention_mask=unique_mask[:, :-1],
                           position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1
-                          ).past_key_values  # per layer (num_prompts, heads, P-1, d)
+                          )[CACHE]  # per layer (num_prompts, heads, P-1, d)
             cache.batch_repeat_interleave(G)  # per layer (B, heads, P-1, d)
         sequences = model.generate(  # (B, P + T), the KV cache makes this linear in T
-            input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+            input_ids=prompt_ids, attention_mask=prompt_mask, **{CACHE: cache},
             cache_implementation=cfg.cache_implementation, **sampling)
         completion_ids = sequences[:, prompt_ids.shape[1] :]  # (B, T)
     model.train(was_training)
@@ -635,11 +639,11 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
     first_row = torch.zeros_like(groups).scatter_(0, row_group, rows)  # (u,) a row of each prompt
     prefix = model(input_ids=prompt_ids[first_row, :-1], attention_mask=prompt_mask[first_row, :-1], use_cache=True,
                    logits_to_keep=1)  # the prompts but their last token: per layer (u, heads, P-1, d)
-    cache = prefix.past_key_values
+    cache = prefix[CACHE]
     cache.batch_select_indices(row_group)  # per layer (b, heads, P-1, d): each row gets its prompt's keys, values
     input_ids = torch.cat([prompt_ids[:, -1:], completion_ids[:, :-1]], dim=1)  # (b, T): q's last token, o_<T
     attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)  # (b, P + T - 1)
-    return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{CACHE: cache}).logits
 
 
 def rows_logits(model, batch: dict, rows: torch.Tensor, share_prompt: bool) -> torch.Tensor:
@@ -782,7 +786,7 @@ def aggregate_loss(
     max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """From per-token terms (B, T) to the batch's loss, sum_{i,t} w_it L_it (w from token_weights), and its
-    metrics. grpo_loss and the fused kernel (kernels.py) both end here, so the two paths share one normaliser
+    metrics. grpo_loss and the fused kernel (grpo_kernels.py) both end here, so the two paths share one normaliser
     and one set of metrics. The loss is logged in its two parts, loss = policy_loss + kl_loss."""
     mask = completion_mask.to(per_token_loss.dtype)  # (B, T)
     weights = token_weights(mask, loss_type, max_completion_length)  # (B, T)
@@ -859,7 +863,7 @@ def setup(model, cfg: GRPOConfig):
     why = "" if fused or not cfg.use_fused_loss or device.type != "cuda" or fused_loss_implements(cfg) else (
         f": the fused kernel has the token-level clipped loss only, not loss_type={cfg.loss_type!r} with "
         f"importance_sampling_level={cfg.importance_sampling_level!r}")
-    print(f"GRPO loss: {'the fused Triton loss (kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}{why}",
+    print(f"GRPO loss: {'the fused Triton loss (grpo_kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}{why}",
           flush=True)
     if cfg.share_prompt and not shares_prompt(cfg):
         print("share_prompt: sampling only; the log-prob passes encode the prompt G times under gradient "
@@ -935,10 +939,10 @@ def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) ->
     A_hat = batch["advantages"][rows]  # (b,)
     clip = dict(beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high)
     if use_fused_loss(cfg, logits.device):
-        import kernels  # Triton: imported only where it runs
+        import grpo_kernels  # Triton: imported only where it runs
 
         # The kernel divides by the temperature itself and, in backward, writes d(logits) into the logits buffer.
-        per_token_loss, per_token_kl, is_low, is_high, entropy = kernels.fused_per_token_loss(
+        per_token_loss, per_token_kl, is_low, is_high, entropy = grpo_kernels.fused_per_token_loss(
             logits, completion_ids, old, ref, A_hat, mask, temperature=cfg.temperature, inplace=True, **clip
         )  # (b, T) each
         loss, metrics = aggregate_loss(per_token_loss, per_token_kl, is_low, is_high, mask, beta=cfg.beta,

@@ -11,6 +11,23 @@ import time
 import pytest
 import torch
 
+
+def shadowed_modules(folder) -> list[str]:
+    """Each *.py in folder whose name is a top-level module of an installed distribution. Python puts a script's
+    folder first on sys.path, so such a file is what every library gets for that import (transformers 5.25 imports
+    Hugging Face's `kernels`, and a kernels.py here crashed it)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    provided = importlib.metadata.packages_distributions()  # module name -> the distributions that install it
+    return [f"{path.name} has the name of a module of {', '.join(provided[path.stem])}"
+            for path in sorted(Path(folder).glob("*.py")) if path.stem in provided]
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if shadowed_modules(HERE):  # before grpo imports transformers, which would import our file and fail far from here
+    pytest.exit("; ".join(shadowed_modules(HERE)) + ": rename the file", returncode=1)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported anywhere
 
@@ -54,7 +71,17 @@ def fraction_of_a(completion_ids, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Group-relative advantages: the worked example of DEVELOPERS.md.
+# The repository's files: none may take the name of an installed package's module.
+# ----------------------------------------------------------------------------------------------------
+def test_no_top_level_module_shadows_an_installed_one(tmp_path):
+    clashes = shadowed_modules(HERE)
+    assert not clashes, "; ".join(clashes) + ": rename the file"
+    (tmp_path / "pytest.py").write_text("")  # the check itself: a file named like an installed module is caught
+    assert shadowed_modules(tmp_path) == ["pytest.py has the name of a module of pytest"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Group-relative advantages: the worked example (one group of G = 4).
 # ----------------------------------------------------------------------------------------------------
 def test_worked_example_unscaled():
     A = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.5]), 4, scale_rewards="none")
@@ -930,7 +957,7 @@ def test_embedded_model_one_grpo_step():
 
 
 # ----------------------------------------------------------------------------------------------------
-# kernels.py: the fused Triton loss, under TRITON_INTERPRET=1 on a CPU, against float64.
+# grpo_kernels.py: the fused Triton loss, under TRITON_INTERPRET=1 on a CPU, against float64.
 # ----------------------------------------------------------------------------------------------------
 def reference_from_logits_float64(logits, ids, old, ref, adv, mask, temperature, beta, loss_type, max_len=None):
     """Loss and d(logits) in float64 from the same (rounded) logit values the kernel reads."""
@@ -958,11 +985,11 @@ def kernel_inputs(B, T, V, dtype, scale=3.0, seed=0):
 
 
 def run_kernel(logits, ids, old, ref, adv, mask, temperature, beta, loss_type, inplace=False):
-    import kernels
+    import grpo_kernels
 
     leaf = logits.clone().requires_grad_()
     x = leaf * 1 if inplace else leaf  # in place needs a non-leaf buffer to overwrite
-    per_token = kernels.fused_per_token_loss(
+    per_token = grpo_kernels.fused_per_token_loss(
         x, ids, old, ref, adv, mask, temperature=temperature, beta=beta, epsilon_low=0.2, epsilon_high=0.28,
         inplace=inplace,
     )
@@ -1099,14 +1126,14 @@ COMPILE_FOR_H100 = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
+import grpo_kernels
 has_old, has_ref = sys.argv[1] == "1", sys.argv[2] == "1"
 pointers = dict(logits_ptr="*bf16", ids_ptr="*i64", old_ptr="*fp32", ref_ptr="*fp32", adv_ptr="*fp32", mask_ptr="*i32",
                 stride_b="i64", stride_t="i64", T="i32", V="i32",
                 temperature="fp32", beta="fp32", epsilon_low="fp32", epsilon_high="fp32")
 outputs = dict.fromkeys(["loss_ptr", "lse_ptr", "kl_ptr", "low_ptr", "high_ptr", "entropy_ptr", "dloss_ptr"], "*fp32")
 types = dict(pointers, **outputs, dlogits_ptr="*bf16", dstride_b="i64", dstride_t="i64")
-for kernel in (kernels._grpo_forward_kernel, kernels._grpo_backward_kernel):
+for kernel in (grpo_kernels._grpo_forward_kernel, grpo_kernels._grpo_backward_kernel):
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=dict(HAS_OLD=has_old, HAS_REF=has_ref, BLOCK_V=4096))
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
@@ -1140,8 +1167,6 @@ import sys  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import train_countdown as tc  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_generated_problems_are_solvable_and_deterministic():
@@ -1609,14 +1634,14 @@ def test_kernel_matches_reference_with_banned_tokens():
 
 @needs_triton
 def test_kernel_rejects_token_ids_outside_the_vocabulary():
-    import kernels
+    import grpo_kernels
 
     logits, ids, old, ref, adv, mask = kernel_inputs(2, 3, 1000, torch.float32, seed=7)
     for bad in (1000, -1):
         ids_bad = ids.clone()
         ids_bad[1, 2] = bad
         with pytest.raises(ValueError, match=r"completion_ids must lie in \[0, 1000\)"):
-            kernels.fused_per_token_loss(logits, ids_bad, old, ref, adv, mask, temperature=0.7, beta=0.04,
+            grpo_kernels.fused_per_token_loss(logits, ids_bad, old, ref, adv, mask, temperature=0.7, beta=0.04,
                                          epsilon_low=0.2, epsilon_high=0.28)
 
 

@@ -16,9 +16,9 @@ the gradient arriving here is d(loss)/d(L_t) = w_t, and the kernels only ever se
 
 Where it runs: on a CUDA device, compiled. Without one, Triton's interpreter (NumPy on the CPU, slow) runs it
 when the environment has TRITON_INTERPRET=1 before this module is imported; the tests and notebook 03 set it,
-and so does `python kernels.py` on a machine without CUDA. Importing this module never sets it.
+and so does `python grpo_kernels.py` on a machine without CUDA. Importing this module never sets it.
 
-`python kernels.py` checks the kernels against grpo.py's reference; `python bench.py kernel` times them.
+`python grpo_kernels.py` checks the kernels against grpo.py's reference; `python bench.py kernel` times them.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def fused_per_token_loss(
     if not logits.is_cuda and isinstance(_grpo_forward_kernel, triton.runtime.JITFunction):  # compiled, not interpreted
         raise ValueError(
             "the fused loss needs the logits on a CUDA device; on a CPU, set TRITON_INTERPRET=1 before importing "
-            "kernels (Triton's interpreter, slow) or use grpo.grpo_loss."
+            "grpo_kernels (Triton's interpreter, slow) or use grpo.grpo_loss."
         )
     ref = ref_per_token_logps if beta != 0 else None  # as in grpo.grpo_loss: no KL term at beta = 0
     per_token_loss, (kl, is_low, is_high, entropy) = _FusedPerTokenLoss.apply(
@@ -261,7 +261,7 @@ def fused_per_token_loss(
 
 
 # ----------------------------------------------------------------------------------------------------
-# python kernels.py: the kernels against the reference in grpo.py.
+# python grpo_kernels.py: the kernels against the reference in grpo.py.
 # ----------------------------------------------------------------------------------------------------
 def check_against_reference(B, T, V, dtype, device, seed=0, loss_type="dapo", temperature=0.9):
     """Relative errors of the loss and of d(logits): this kernel (through grpo.aggregate_loss, as grpo.py calls
