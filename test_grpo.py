@@ -135,7 +135,8 @@ def test_selective_log_softmax(dtype):
 # ----------------------------------------------------------------------------------------------------
 # grpo_loss against an independent float64 implementation of the formulas, written out per loss_type.
 # ----------------------------------------------------------------------------------------------------
-def reference_loss_float64(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len, level="token"):
+def reference_loss_float64(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len, level="token",
+                           bias_kl=False):
     """GRPO loss written from the papers, loop-free but separate from grpo.py (no token_weights).
     level="sequence" is GSPO's ratio (Zheng et al. 2025, eq. 7); loss_type="cispo" MiniMax-M1's eq. 4; "dppo" and
     "drpo" at their published defaults (delta 0.15 and C = 20; delta 12.5)."""
@@ -160,8 +161,8 @@ def reference_loss_float64(logp, old, ref, adv, mask, beta, eps_low, eps_high, l
         unclipped = ratio * adv[:, None]
         clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[:, None]
         L = -torch.minimum(unclipped, clipped)
-    if beta != 0:
-        L = L + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    if beta != 0:  # k3; with bias_kl (DeepSeek-V3.2), times the ratio, its gradient included
+        L = L + beta * (ratio if bias_kl else 1.0) * (torch.exp(ref - logp) - (ref - logp) - 1)
     per_seq_tokens = mask.sum(1)
     if loss_type == "grpo":  # mean over sequences of the per-sequence token mean; empty sequences add 0
         per_seq = (L * mask).sum(1) / torch.where(per_seq_tokens > 0, per_seq_tokens, torch.ones_like(per_seq_tokens))
@@ -346,7 +347,7 @@ def test_cispo_config_caps_at_five_and_rejects_a_ppo_epsilon():
         grpo.GRPOConfig(importance_sampling_level="seq")
 
 
-def trl_loss(logp, old, ref, adv, mask, *, beta, eps_low, eps_high, loss_type, max_len, level="token"):
+def trl_loss(logp, old, ref, adv, mask, *, beta, eps_low, eps_high, loss_type, max_len, level="token", bias_kl=False):
     """TRL's own GRPOTrainer._compute_loss, called on these per-token log-probs: its model call returns them, and
     its accelerator is one process. Nothing of TRL's loss is copied here."""
     import collections
@@ -359,7 +360,7 @@ def trl_loss(logp, old, ref, adv, mask, *, beta, eps_low, eps_high, loss_type, m
                                         reduce=lambda x, reduction="sum": x, sync_gradients=True)
     trainer = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=types.SimpleNamespace(use_bias_correction_kl=bias_kl, delta=None, steps_per_generation=1),
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
         loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, max_completion_length=max_len,
         use_vllm=False, vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
@@ -393,6 +394,41 @@ def test_loss_equals_trl(loss_type, level, beta, with_old):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-14)
     assert torch.allclose(x.grad, x_trl.grad, rtol=1e-10, atol=1e-14)
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("with_old", [True, False])
+def test_bias_corrected_kl_matches_float64_and_trl(loss_type, level, with_old):
+    # use_bias_correction_kl: the k3 term times rho, whose gradient acts even where rho = 1 (with_old False).
+    logp, old, ref, adv, mask = gspo_inputs() if level == "sequence" else random_inputs(seed=11)
+    old = old if with_old else None
+    eps_low, eps_high = (3e-4, 4e-4) if level == "sequence" else (0.2, 0.28)
+    eps_high = 1.1 if loss_type == "cispo" else eps_high
+    kw = dict(beta=0.04, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type, max_len=10, level=level, bias_kl=True)
+    expected_x = logp.clone().requires_grad_()
+    reference_loss_float64(expected_x, old, ref, adv, mask, **kw).backward()
+    x = logp.clone().requires_grad_()
+    loss, metrics = grpo.grpo_loss(x, old, ref, adv, mask, beta=0.04, epsilon_low=eps_low, epsilon_high=eps_high,
+                                   loss_type=loss_type, max_completion_length=10, importance_sampling_level=level,
+                                   use_bias_correction_kl=True)
+    loss.backward()
+    assert torch.allclose(x.grad, expected_x.grad, rtol=1e-10, atol=1e-14)
+    plain = logp.clone().requires_grad_()
+    grpo.grpo_loss(plain, old, ref, adv, mask, beta=0.04, epsilon_low=eps_low, epsilon_high=eps_high,
+                   loss_type=loss_type, max_completion_length=10, importance_sampling_level=level)[0].backward()
+    assert not torch.allclose(plain.grad, x.grad)  # the correction changes the gradient, on-policy too
+    if loss_type in grpo.CLIPPED_LOSS_TYPES + ("cispo",):  # and equals TRL's own, which has it
+        trl_x = logp.clone().requires_grad_()
+        expected = trl_loss(trl_x, old, ref, adv, mask, **kw)
+        expected.backward()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-14)
+        assert torch.allclose(x.grad, trl_x.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_loss_is_not_used_for_the_bias_corrected_kl():
+    assert grpo.fused_loss_implements(grpo.GRPOConfig(use_bias_correction_kl=True, beta=0.0))  # no KL: nothing to weigh
+    assert not grpo.fused_loss_implements(grpo.GRPOConfig(use_bias_correction_kl=True, beta=0.04))
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -1166,6 +1202,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
+from pathlib import Path  # noqa: E402
+
 import train_countdown as tc  # noqa: E402
 
 
@@ -1382,6 +1420,8 @@ def test_resume_continues_exactly(tiny_countdown_model, tmp_path, variant):
                 "completion_length", "step_time") + (("dynamic_sampling/groups_dropped",) if "--dynamic-sampling" in variant
                                                      else ()):
         assert key in record
+    # A run saved without its settings (run.json, as earlier versions saved): the checkpoint itself must match.
+    os.remove(os.path.join(split, "run.json"))
     if "--use-peft" not in variant:
         with pytest.raises(SystemExit, match="is not a checkpoint of SmolLM2"):  # resuming with another model
             tc.main(["--output-dir", split, "--resume", "--max-steps", "4", "--device", "cpu"])
@@ -1492,6 +1532,15 @@ def test_shared_prompt_gives_the_same_log_probs_on_the_embedded_model():
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--balanced-ops", "--dataset", "problems.jsonl"], "--balanced-ops shapes generated problems only"),
+        (["--learning-rate", "inf"], "learning_rate must be a finite number (got inf)"),
+        (["--learning-rate", "1e39"], "learning_rate must be at most 1 (got 1e+39)"),
+        (["--beta", "inf"], "beta must be a finite number (got inf)"),
+        (["--temperature", "nan"], "temperature must be a finite number (got nan)"),
+        (["--epsilon-high", "nan"], "epsilon_high must be a finite number (got nan)"),
+        (["--seed", "-1"], "seed must be a non-negative integer (got -1)"),
+        (["--reward-model-only"], "--reward-model-only trains on a reward model alone: name it with --reward-model"),
+        (["--reward-model", "rm", "--reward-model-weight", "inf"], "--reward-model-weight must be a finite number"),
+        (["--reward-model", "rm", "--reward-model-only", "--reward-model-weight", "0"], "every reward weight is 0"),
     ],
 )
 def test_cli_values_checked_before_any_model_loads(args, message, tmp_path):
@@ -1728,6 +1777,187 @@ def test_ctrl_c_during_a_step_then_resume_loses_and_repeats_nothing(tiny_countdo
     assert [h["reward"] for h in got] == [h["reward"] for h in expected]
 
 
+# ----------------------------------------------------------------------------------------------------
+# An output directory holds one run, with its settings: never silently mixed, overwritten or poisoned.
+# ----------------------------------------------------------------------------------------------------
+def test_resume_takes_a_new_learning_rate_and_says_so(tiny_countdown_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1"))  # at tiny_run's 1e-2
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2", "--resume", "--learning-rate", "1e-3"))
+    assert "--resume: --learning-rate 0.001 (the run had 0.01)" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["learning_rate"] for h in lines] == [1e-2, 1e-3]  # the restored optimiser would have kept 1e-2
+    assert json.loads((out / "run.json").read_text())["config"]["learning_rate"] == 1e-3
+
+
+def test_resume_refuses_what_would_change_a_step_and_names_both_values(tiny_countdown_model, tmp_path):
+    out, data = tmp_path / "run", tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"nums": [3, i], "target": 3 + i}) + "\n" for i in range(10)))
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1"))
+    cases = [(["--num-generations", "4", "--generation-batch-size", "8"], "--num-generations is 4 here but 8 in the run"),
+             (["--loss-type", "dapo"], "--loss-type is dapo here but grpo in the run"),
+             (["--seed", "5"], "--seed is 5 here but 0 in the run"),
+             (["--eval-size", "8"], "--eval-size is 8 here but 4 in the run"),
+             (["--dataset", str(data)], f"--dataset is {data} here but None in the run"),
+             (["--use-peft"], "--use-peft is True here but False in the run"),
+             (["--model", grpo.EMBEDDED_MODEL], f"--model is {grpo.EMBEDDED_MODEL} here but {tiny_countdown_model}"),
+             (["--trainer", "trl"], "--trainer is trl here but grpo in the run")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(message)) as exit_info:
+            tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2", "--resume", *extra))
+        assert "\n" not in str(exit_info.value) and "leave" in str(exit_info.value)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    (out / "run.json").unlink()  # a run saved without its settings: the checkpoint itself says what it holds
+    with pytest.raises(SystemExit, match="holds a whole model, from a run without --use-peft: resume it without"):
+        tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2", "--resume", "--use-peft"))
+
+
+def test_an_output_dir_holds_one_run_at_a_time(tiny_countdown_model, tmp_path):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # a live run: this test's own process
+    with pytest.raises(SystemExit, match=f"is in use by another run \\(process {os.getpid()} on"):
+        tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1"))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "run.lock").write_text(f"{int(ended.stdout)} {socket.gethostname()}")  # stale: its process has ended
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1"))  # takes it over
+    assert not (out / "run.lock").exists()  # and releases it at the end
+    checkpoint = (out / "checkpoint" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="holds a run already \\(metrics.jsonl, checkpoint\\): continue it with --resume"):
+        tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1", "--seed", "4"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == checkpoint  # nothing deleted or overwritten
+
+
+def test_weights_made_non_finite_by_a_step_stop_the_run_without_a_checkpoint(tiny_countdown_model, tmp_path,
+                                                                             monkeypatch):
+    # An optimiser step that writes inf into a weight (as an overflowing update would): the run stops at once.
+    real_step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="the optimiser step made weights inf or NaN .* No checkpoint was written yet"):
+        tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2"))
+    assert not (out / "checkpoint").exists() and not (out / "checkpoint.tmp").exists()
+
+
+def test_truncated_completions_are_scored_whole_and_only_the_loss_skips_them():
+    # DAPO's overlong masking, as TRL does it: the rewards see every sampled token, the loss none of a truncated one.
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=8, micro_batch_size=8, max_completion_length=5,
+                          mask_truncated_completions=True, beta=0.0)
+    model = tiny_model(3)
+    model.generate = forced_generate
+    seen = {}
+
+    def record(completions, completion_ids, **kwargs):
+        seen.update(texts=completions, ids=completion_ids)
+        return length_and_a(completions, completion_ids)
+
+    overlong = grpo.get_soft_overlong_punishment(5, 2)
+    batch = grpo.generate_and_score(model, tiny_tokenizer(), ["b c d", "e f"], [record, overlong], cfg)
+    assert [len(ids) for ids in seen["ids"]] == [3, 2, 5, 4, 5, 2, 5, 3]  # up to the first <eos>, or all 5 tokens
+    assert seen["texts"][2] == "a a a a a" and seen["ids"][2] == [3, 3, 3, 3, 3]
+    assert batch["rewards_per_func"][2].tolist() == [7.5, -1.0]  # the overlong punishment's -1 at L_max
+    assert batch["is_truncated"].tolist() == [False, False, True, False, False, False, True, False]
+    assert batch["completion_mask"].sum(dim=1).tolist() == [3, 2, 0, 4, 5, 2, 0, 3]  # no loss on rows 2 and 6
+
+
+def test_samples_of_steps_after_the_checkpoint_are_not_kept_twice(tiny_countdown_model, tmp_path, monkeypatch):
+    out, real_save = tmp_path / "run", tc.save_checkpoint
+
+    def crash_at_step_3(out_dir, *args):
+        if args[-1] == 3:
+            raise KeyboardInterrupt
+        real_save(out_dir, *args)
+
+    monkeypatch.setattr(tc, "save_checkpoint", crash_at_step_3)
+    args = tiny_run(tiny_countdown_model, out, "--max-steps", "3", "--save-every", "2", "--sample-every", "1")
+    with pytest.raises(SystemExit, match="interrupted"):
+        tc.main(args)
+    steps = lambda: [int(n) for n in re.findall(r"^===== step (\d+):", (out / "samples.txt").read_text(), re.M)]
+    assert steps() == [1, 2, 3]  # step 3 ran and wrote its samples; the checkpoint is step 2's
+    monkeypatch.undo()
+    tc.main(args + ["--resume"])
+    assert steps() == [1, 2, 3]
+
+
+def test_many_number_problems_are_generated_in_seconds():
+    start = time.perf_counter()
+    data = tc.generate_dataset(500, seed=0, num_numbers=(6,), max_number=100)
+    assert time.perf_counter() - start < 60  # about 0.3 s; checking each with the exhaustive solver took minutes
+    assert all(len(n) == 6 for n in data["nums"])
+    for row in data.select(range(3)):
+        assert tc.safe_eval(tc.solve(row["nums"], row["target"]))[0] == row["target"]  # solvable, independently
+
+
+def test_models_and_files_that_cannot_work_are_one_line_errors(tiny_countdown_model, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(bert)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    tiny_model().save_pretrained(no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bert / name).write_bytes((Path(tiny_countdown_model) / name).read_bytes())
+    (tmp_path / "tasks.csv").write_text("nums,target\n")
+    (tmp_path / "three.jsonl").write_text("".join(json.dumps({"nums": [1, i], "target": i}) + "\n" for i in range(3)))
+    (tmp_path / "long.jsonl").write_text(json.dumps({"nums": list(range(10_000)), "target": 1}) + "\n")
+    cases = [(["--model", str(bert)], "is a BertModel, not a causal language model"),
+             (["--model", str(no_tokenizer)], "has no tokenizer"),
+             (["--dataset", str(tmp_path / "tasks.csv")], "only .jsonl, .json and .parquet files are read"),
+             (["--dataset", str(tmp_path / "three.jsonl")], "has 3 rows: at least 5 are needed"),
+             (["--dataset", str(tmp_path / "long.jsonl")], "row 0: nums must be a list of 2 to 6")]
+    for i, (extra, message) in enumerate(cases):
+        with pytest.raises(SystemExit, match=re.escape(message)) as exit_info:
+            tc.main(tiny_run(tiny_countdown_model, tmp_path / f"out{i}", "--max-steps", "1", *extra))
+        assert "\n" not in str(exit_info.value) and len(str(exit_info.value)) < 400
+
+
+@pytest.mark.parametrize("failure", ["safetensors", "torch.save"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_checkpoint(tiny_countdown_model, tmp_path,
+                                                                                 monkeypatch, failure):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "1"))
+    kept = (out / "checkpoint" / "trainer_state.pt").read_bytes()
+    if failure == "safetensors":  # as safetensors and torch report ENOSPC
+        monkeypatch.setattr(type(grpo.load_model_and_tokenizer(tiny_countdown_model)[0]), "save_pretrained",
+                            lambda self, path, **kw: (_ for _ in ()).throw(SafetensorError("No space left on device")))
+    else:
+        monkeypatch.setattr(tc.torch, "save", lambda *a, **kw: (_ for _ in ()).throw(
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")))
+    with pytest.raises(SystemExit, match="could not write the checkpoint of step 2 .* the last checkpoint, if any, is "
+                                         "kept") as exit_info:
+        tc.main(tiny_run(tiny_countdown_model, out, "--max-steps", "2", "--resume"))
+    assert "\n" not in str(exit_info.value)
+    assert not (out / "checkpoint.tmp").exists() and (out / "checkpoint" / "trainer_state.pt").read_bytes() == kept
+
+
+def test_library_prompts_must_be_strings_with_tokens():
+    cfg = grpo.GRPOConfig(num_generations=2, generation_batch_size=4, max_completion_length=3, beta=0.0)
+    model, tok = tiny_model(), tiny_tokenizer()
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+    step = lambda prompts, **kw: grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, prompts, [fraction_of_a],
+                                                cfg, **kw)
+    with pytest.raises(ValueError, match="prompt 0 has no tokens"):
+        step(["", ""])
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        step(["b c", ""])
+    with pytest.raises(ValueError, match="prompts must be strings. For chat messages, pass tokenizer.apply_chat_template"):
+        step([[{"role": "user", "content": "b"}], [{"role": "user", "content": "c"}]])
+    with pytest.raises(ValueError, match="every reward weight is 0"):
+        step(["b", "c"], reward_weights=[0.0])
+
+
 def test_a_run_without_signal_says_so(tiny_countdown_model, tmp_path, capsys):
     # Targets no equation over the numbers reaches: every reward is 0 in every group, so no step has a gradient.
     data = tmp_path / "impossible.jsonl"
@@ -1770,6 +2000,7 @@ def test_trl_config_maps_every_field(tmp_path):
     expected = {  # written out here, field by field, rather than read from the table it checks
         "num_generations": 4, "generation_batch_size": 24, "per_device_train_batch_size": 3, "temperature": 0.7,
         "top_p": 0.9, "top_k": 5, "max_completion_length": 33, "mask_truncated_completions": True, "beta": 0.02,
+        "use_bias_correction_kl": False,  # set explicitly: TRL's own default is True
         "epsilon": 0.1, "epsilon_high": 0.3, "loss_type": "dr_grpo", "importance_sampling_level": "sequence",
         "scale_rewards": "batch", "num_iterations": 2, "learning_rate": 3e-6, "lr_scheduler_type": "cosine",
         "warmup_steps": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5,
@@ -1854,6 +2085,66 @@ def test_rewards_are_the_same_through_trl(tiny_countdown_model, tmp_path):
     _, ours = grpo.compute_rewards(funcs, [prompt] * 6, completions, ids, {"nums": [[3, 4]] * 6, "target": [7] * 6})
     assert torch.equal(theirs.cpu(), ours)
     assert ours[:, 1].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # the checker, by hand
+
+
+# One whole step, grpo.py's against TRL's GRPOTrainer: the same tiny model, prompts and forced completions (so that
+# no sampling differs), the settings made equal through trl_config, and the weights compared after the step.
+FORCED = [[3, 4, 1, 0, 0], [5, 1, 0, 0, 0], [3, 3, 3, 3, 3], [6, 7, 8, 1, 0],  # prompt 0's group; row 2 is truncated
+          [4, 4, 4, 4, 1], [9, 1, 0, 0, 0], [3, 5, 7, 9, 11], [10, 3, 1, 0, 0]]  # prompt 1's; row 6 is truncated
+
+
+def forced_generate(input_ids, **kwargs):
+    """model.generate for both trainers: the prompt, then FORCED's completion for each row, in order."""
+    completions = torch.tensor(FORCED[: input_ids.shape[0]], device=input_ids.device)  # (B, T)
+    return torch.cat([input_ids, completions], dim=1)  # (B, P + T)
+
+
+def length_and_a(completions, completion_ids, **kwargs):
+    """A reward that reads the whole completion: its length in tokens and its number of a's."""
+    return [len(ids) + 0.5 * text.split().count("a") for text, ids in zip(completions, completion_ids)]
+
+
+def weights_after_one_step(trainer, path, cfg, optimizer_name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.generate = forced_generate
+    tok, prompts = tiny_tokenizer(), ["b c d", "e f"]
+    if trainer == "trl":
+        import trl
+        from datasets import Dataset
+
+        config = tc.trl_config(cfg, tmp_path, [1.0], use_cpu=True, save_strategy="no")
+        config.optim = optimizer_name  # adamw_torch as grpo.setup's, or sgd
+        trl.GRPOTrainer(model=model, reward_funcs=[length_and_a], args=config, processing_class=tok,
+                        train_dataset=Dataset.from_dict({"prompt": prompts})).train()
+    else:
+        ref_model, optimizer, scheduler = grpo.setup(model, cfg)
+        if optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        grpo.grpo_step(model, ref_model, tok, optimizer, scheduler, prompts, [length_and_a], cfg)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("loss_type, num_iterations, optimizer_name, beta, bias_kl", [
+    ("grpo", 1, "adamw_torch", 0.04, False), ("dapo", 2, "adamw_torch", 0.04, False), ("grpo", 2, "sgd", 0.04, False),
+    ("dr_grpo", 1, "sgd", 0.0, False), ("dapo", 2, "sgd", 0.5, True)])
+def test_one_step_equals_trls_step(loss_type, num_iterations, optimizer_name, beta, bias_kl, tmp_path):
+    pytest.importorskip("trl")
+    path = tmp_path / "tiny-qwen2"
+    tiny_model(3, arch="qwen2").save_pretrained(path)  # TRL builds pi_ref from the model's path
+    cfg = grpo.GRPOConfig(num_generations=4, generation_batch_size=8, micro_batch_size=4, max_completion_length=5,
+                          loss_type=loss_type, num_iterations=num_iterations, beta=beta, epsilon_high=0.28,
+                          mask_truncated_completions=True, learning_rate=1e-2 if optimizer_name == "sgd" else 1e-3,
+                          max_grad_norm=1e9, max_steps=1, use_bias_correction_kl=bias_kl)
+    start = {k: v.clone() for k, v in tiny_model(3, arch="qwen2").state_dict().items()}
+    ours = weights_after_one_step("grpo", path, cfg, optimizer_name, tmp_path)
+    theirs = weights_after_one_step("trl", path, cfg, optimizer_name, tmp_path)
+    update_ours = torch.cat([(ours[k] - start[k]).flatten() for k in start])
+    update_theirs = torch.cat([(theirs[k] - start[k]).flatten() for k in start])
+    assert update_theirs.norm() > 0
+    assert (update_ours - update_theirs).norm() / update_theirs.norm() < 1e-4
 
 
 def test_single_operator_baseline_hand_examples():

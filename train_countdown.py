@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import copy
 import dataclasses
 import itertools
 import json
+import math
 import operator
 import os
 import random
 import re
+import reprlib
 import shutil
+import socket
 import sys
 import time
 from collections import Counter
@@ -83,29 +88,30 @@ def make_problem(rng: random.Random, num_numbers: int, max_number: int, ops: str
     """Draw numbers, then combine random pairs with random operations until one value is left: the target.
     Every intermediate is a positive integer, as in the game. Example: [4, 7, 2] -> 4 * 2 = 8, 8 + 7 = 15.
     By default each operation is drawn among those the numbers allow (so / is rare: it must divide evenly);
-    balanced: the operations are drawn first, each of ops equally likely, and the numbers until they allow them."""
+    balanced: the operations are drawn first, each of ops equally likely, and the numbers until they allow them.
+    Returns nums, target and the solution it built ("((4 * 2) + 7)")."""
     for tries in itertools.count():
         if tries % 1000 == 0:  # balanced: new operations now and then, as small numbers cannot make some (1 - 1)
             wanted = [rng.choice(ops) if balanced else None for _ in range(num_numbers - 1)]
         nums = [rng.randint(1, max_number) for _ in range(num_numbers)]
-        pool = [Fraction(n) for n in nums]
+        pool = [(Fraction(n), str(n)) for n in nums]  # (value, the expression that makes it)
         for op in wanted:
-            a, b = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
+            (a, ea), (b, eb) = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
             choices = [sym for sym in ops if (sym != "-" or a > b) and (sym != "/" or (b != 0 and a % b == 0))]
             if not balanced:
                 op = rng.choice(choices) if choices else "+"
             elif op not in choices:
                 break  # these numbers do not allow the wanted operation: draw new ones
-            pool.append(OPS[op](a, b))
+            pool.append((OPS[op](a, b), f"({ea} {op} {eb})"))
         else:
-            target = pool[0]
+            target, solution = pool[0]
             if target.denominator == 1 and 0 < target <= 10 * max_number:
-                return {"nums": nums, "target": int(target)}
+                return {"nums": nums, "target": int(target), "solution": solution}
 
 
 def solve(nums: list[int], target: int) -> str | None:
-    """An equation over nums that equals target, by exhaustive search (a few thousand tries for 4 numbers);
-    None when there is none. An independent check that a generated problem is solvable."""
+    """An equation over nums that equals target, by exhaustive search (a few thousand tries for 4 numbers, up to
+    minutes for 6); None when there is none. The tests' independent check that generated problems are solvable."""
     items = [(Fraction(n), str(n)) for n in nums]
 
     def search(items):
@@ -131,13 +137,15 @@ def solve(nums: list[int], target: int) -> str | None:
 def generate_dataset(size: int, seed: int, num_numbers=(3, 4), max_number: int = 100, ops: str = "+-*/",
                      balanced: bool = False):
     """A datasets.Dataset of `size` solvable problems with columns nums and target, the same for a seed.
-    Default shape: 3 or 4 numbers up to 100, as in Jiayi-Pan/Countdown-Tasks-3to4."""
+    Default shape: 3 or 4 numbers up to 100, as in Jiayi-Pan/Countdown-Tasks-3to4. Each problem's own solution is
+    checked by the rewards' parser (linear time; an exhaustive search takes about a second for 6 numbers)."""
     from datasets import Dataset
 
     rng = random.Random(seed)
     rows = [make_problem(rng, rng.choice(num_numbers), max_number, ops, balanced) for _ in range(size)]
-    for row in rows:
-        assert solve(row["nums"], row["target"]) is not None, row  # solvable by construction; checked anyway
+    for row in rows:  # solvable by construction; checked anyway
+        value, used = safe_eval(row.pop("solution"))
+        assert value == row["target"] and sorted(used) == sorted(row["nums"]), row
     return Dataset.from_list(rows)
 
 
@@ -147,6 +155,9 @@ def load_countdown(name_or_path: str):
     from datasets import load_dataset
 
     path = Path(name_or_path)
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise ValueError(f"dataset file {path}: only .jsonl, .json and .parquet files are read; write it as JSON lines "
+                         '({"nums": [3, 4], "target": 7} per line).')
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise ValueError(f"dataset file {path} does not exist; give a .jsonl or .parquet file with columns nums and target.")
@@ -181,9 +192,9 @@ def check_problems(nums: list, targets: list, name: str) -> None:
     for row, (n, t) in enumerate(zip(nums, targets)):
         if not (isinstance(n, list) and 2 <= len(n) <= 6 and all(type(x) is int and x >= 0 for x in n)):
             raise ValueError(f"dataset {name!r}, row {row}: nums must be a list of 2 to 6 non-negative integers, "
-                             f"got {n!r}.")
+                             f"got {reprlib.repr(n)}.")  # reprlib: a row of 10,000 numbers is shown by its start
         if type(t) is not int:
-            raise ValueError(f"dataset {name!r}, row {row}: target must be an integer, got {t!r}.")
+            raise ValueError(f"dataset {name!r}, row {row}: target must be an integer, got {reprlib.repr(t)}.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,28 +346,30 @@ REWARD_FUNCS = {f.__name__: f for f in (format_reward, equation_reward, numbers_
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="default: cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: cpu")
     parser.add_argument("--model", help="hub id, local directory, or " + grpo.EMBEDDED_MODEL + " (the preset's by default)")
     parser.add_argument("--dataset", help="hub dataset (e.g. Jiayi-Pan/Countdown-Tasks-3to4) or a .jsonl/.parquet "
                         "file with columns nums and target; default: generate problems offline")
     parser.add_argument("--num-numbers", type=int, nargs="+", help="generated problems: how many numbers (e.g. 3 4)")
     parser.add_argument("--max-number", type=int, help="generated problems: largest number")
-    parser.add_argument("--balanced-ops", action="store_true", dest="balanced",
+    parser.add_argument("--balanced-ops", action="store_true", default=None, dest="balanced",
                         help="generated problems: each operation equally common, so that no one-operator habit scores "
                         "well (2 numbers up to 20: the best single operator scores 0.33 instead of 0.44)")
     parser.add_argument("--eval-size", type=int, help="held-out problems for the greedy accuracy before and after")
     parser.add_argument("--output-dir", default="runs/countdown")
-    parser.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir, with its settings "
+                        "(run.json); only --learning-rate, --max-steps and speed-only flags may change")
     parser.add_argument("--save-every", type=int, default=10, help="steps between checkpoints")
     parser.add_argument("--sample-every", type=int, default=5, help="steps between sample dumps to samples.txt")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--reward-model", metavar="DIR_OR_ID", help="add a reward model (sequence classification, "
                         "num_labels=1) to the task's rewards; the held-out accuracy still uses the exact checker")
-    parser.add_argument("--reward-model-weight", type=float, default=1.0, help="its weight (default 1)")
-    parser.add_argument("--reward-model-only", action="store_true",
+    parser.add_argument("--reward-model-weight", type=float, help="its weight (default 1)")
+    parser.add_argument("--reward-model-only", action="store_true", default=None,
                         help="train on the reward model alone; the task's rewards are still logged, with weight 0")
-    parser.add_argument("--trainer", choices=["grpo", "trl"], default="grpo",
-                        help="grpo: this project's loop (grpo.py); trl: TRL's GRPOTrainer, for many GPUs (README.md)")
+    parser.add_argument("--trainer", choices=["grpo", "trl"],
+                        help="grpo (default): this project's loop (grpo.py), one process; trl: TRL's GRPOTrainer, for "
+                        "several processes or GPUs (README.md)")
     parser.add_argument("--use-vllm", action="store_true", help="--trainer trl: sample with vLLM (pip install vllm)")
     parser.add_argument("--vllm-mode", choices=["colocate", "server"], default="colocate",
                         help="--trainer trl --use-vllm: vLLM on the training GPUs, or a `trl vllm-serve` server")
@@ -372,21 +385,56 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_config(args) -> tuple[dict, grpo.GRPOConfig]:
-    preset = dict(PRESETS[args.preset])
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    cfg = grpo.GRPOConfig(**{**preset["config"], **overrides})  # raises ValueError on a bad combination
-    for key in ("model", "num_numbers", "max_number", "eval_size"):
-        if getattr(args, key, None) is not None:
-            preset[key] = tuple(args.num_numbers) if key == "num_numbers" else getattr(args, key)
-    preset["balanced"] = preset.get("balanced", False) or getattr(args, "balanced", False)
+# What makes a run, beside the GRPOConfig fields: each setting and its flag. run.json in the output directory holds
+# them all, and --resume continues with them.
+RUN_FLAGS = {"trainer": "--trainer", "preset": "--preset", "model": "--model", "dataset": "--dataset",
+             "num_numbers": "--num-numbers", "max_number": "--max-number", "balanced": "--balanced-ops",
+             "eval_size": "--eval-size", "reward_model": "--reward-model", "reward_model_weight": "--reward-model-weight",
+             "reward_model_only": "--reward-model-only"}
+
+
+def given_settings(args) -> dict:
+    """The settings of a run that the command line gives, None where a flag is left out; config: the GRPOConfig
+    fields given."""
+    given = {key: getattr(args, key) for key in RUN_FLAGS}
+    given["config"] = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    return given
+
+
+def run_settings(given: dict) -> dict:
+    """Every setting of a run: the preset's, then the flags given. The GRPOConfig is built (and so checked) here,
+    before anything loads, and stored whole, its defaults filled in."""
+    preset = PRESETS[given["preset"] or "cpu"]
+    defaults = dict(trainer="grpo", preset="cpu", model=preset["model"], dataset=None, num_numbers=preset["num_numbers"],
+                    max_number=preset["max_number"], balanced=False, eval_size=preset["eval_size"], reward_model=None,
+                    reward_model_weight=1.0, reward_model_only=False)
+    settings = {key: defaults[key] if given[key] is None else given[key] for key in RUN_FLAGS}
+    settings["num_numbers"] = list(settings["num_numbers"])
+    cfg = grpo.GRPOConfig(**{**preset["config"], **given["config"]})  # raises ValueError on a bad combination
+    settings["config"] = dataclasses.asdict(cfg)
+    build_config(settings)  # the checks of the other settings
+    return settings
+
+
+def build_config(settings: dict) -> tuple[dict, grpo.GRPOConfig]:
+    """The preset (model, prompt style, problems, rewards) with the run's settings in it, and its GRPOConfig."""
+    preset = {**PRESETS[settings["preset"]], **{key: settings[key] for key in ("model", "max_number", "eval_size")}}
+    preset["num_numbers"], preset["balanced"] = tuple(settings["num_numbers"]), settings["balanced"]
+    cfg = grpo.GRPOConfig(**settings["config"])
     if not all(2 <= n <= 6 for n in preset["num_numbers"]) or preset["max_number"] < 1 or preset["eval_size"] < 1:
         raise ValueError("--num-numbers takes values from 2 to 6, and --max-number and --eval-size must be at least 1.")
-    if preset.get("balanced") and args.dataset:
+    if preset["balanced"] and settings["dataset"]:
         raise ValueError("--balanced-ops shapes generated problems only; leave it out with --dataset.")
-    if cfg.max_steps < 1 or args.save_every < 1 or args.sample_every < 1:
-        raise ValueError(f"--max-steps, --save-every and --sample-every must be at least 1 (got {cfg.max_steps}, "
-                         f"{args.save_every}, {args.sample_every}).")
+    if cfg.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1 (got {cfg.max_steps}).")
+    if not math.isfinite(settings["reward_model_weight"]):
+        raise ValueError(f"--reward-model-weight must be a finite number (got {settings['reward_model_weight']}).")
+    if settings["reward_model_only"] and not settings["reward_model"]:
+        raise ValueError("--reward-model-only trains on a reward model alone: name it with --reward-model DIR_OR_ID.")
+    weights = reward_weights(preset, settings)
+    if not any(weights):
+        raise ValueError(f"every reward weight is 0 ({weights}): no completion would score above another, so nothing "
+                         "would be learned; give a reward a weight other than 0.")
     return preset, cfg
 
 
@@ -441,6 +489,100 @@ def check_output_dir(out: Path) -> None:
     except OSError as error:
         raise ValueError(f"--output-dir {out} is not a writable directory ({error.strerror or error}); "
                          "choose another with --output-dir.") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# An output directory holds one run: a lock while it runs, its settings in run.json, and on --resume only the
+# changes that keep it the same run.
+# ----------------------------------------------------------------------------------------------------
+RESUME_APPLIED = ("learning_rate", "max_steps")  # --resume takes a new value, and says so
+SPEED_ONLY = ("micro_batch_size", "share_prompt", "gradient_checkpointing", "use_fused_loss", "cache_implementation",
+              "use_transformers_continuous_batching")  # the same numbers at another speed or memory: taken as well
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """While a run is alive, out/run.lock holds its process id and host. The file is made with O_CREAT | O_EXCL, so
+    of two runs started together exactly one gets it; the other stops with an error. A lock whose process has
+    ended without removing it (SIGKILL, a power cut) is stale and taken over. (Two runs that both find the same
+    stale lock at the same moment could both take it: a window of microseconds.)"""
+    lock, me = out / "run.lock", f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock.read_text().split() if lock.exists() else []
+            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (None, "?")
+            if pid is not None and host == socket.gethostname() and not process_alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its run ended without releasing it
+                continue
+            raise ValueError(f"--output-dir {out} is in use by another run (process {pid} on {host}): wait for it to "
+                             f"end, or choose another --output-dir. If no run is using it, delete {lock}.") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        if lock.exists() and lock.read_text() == me:
+            lock.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    if os.name != "posix":  # no signal 0 to ask with (on Windows os.kill(pid, 0) would send Ctrl-C): assume alive
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def held_run(out: Path) -> str | None:
+    """What in out shows that a run trained there (its steps or checkpoints), or None. A run that stopped before
+    its first step leaves nothing worth keeping, and its run.json and eval.json are written anew."""
+    found = [name for name in ("metrics.jsonl", "checkpoint", "checkpoint.old") if (out / name).exists()]
+    found += [path.relative_to(out).as_posix() for path in sorted(out.glob("trl/checkpoint-*"))]
+    return ", ".join(found) or None
+
+
+def write_json(path: Path, obj) -> None:
+    """Write, then rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def resumed_settings(out: Path, given: dict) -> tuple[dict, list[str]]:
+    """The settings of the run in out (run.json), with the changes --resume may make: a new learning rate or number
+    of steps, and the speed-only fields. Any other flag given with another value than the run's is an error that
+    names both: a step of the resumed run must mean what a step of the first part meant. Returns the settings and
+    the changes, {field: (flag, old value, new value)}."""
+    path = out / "run.json"
+    if not path.exists():  # a run of a version that did not store its settings
+        print(f"warning: {path} is missing: the run's settings are taken from this command line as given")
+        return run_settings(given), {}
+    stored = json.loads(path.read_text())
+    settings, changes = copy.deepcopy(stored), {}
+    pairs = [(key, RUN_FLAGS[key], value, stored[key], settings) for key, value in given.items() if key != "config"]
+    pairs += [(key, "--" + key.replace("_", "-"), value, stored["config"][key], settings["config"])
+              for key, value in given["config"].items()]
+    for key, flag, value, old, target in pairs:
+        if value is None or value == old or (key == "num_numbers" and list(value) == old):
+            continue
+        if key not in RESUME_APPLIED + SPEED_ONLY:
+            raise ValueError(f"--resume continues the run in {out} with its own settings, and {flag} is {value} here "
+                             f"but {old} in the run: leave {flag} out to continue it, or start a new run in another "
+                             "--output-dir.")
+        if key == "learning_rate" and settings["trainer"] == "trl":
+            raise ValueError("--trainer trl --resume restores TRL's optimiser and scheduler as they were saved, so "
+                             "--learning-rate cannot change there; continue with the run's, or start a new run.")
+        target[key] = value
+        changes[key] = (flag, old, value)
+    build_config(settings)  # the changed settings, checked as a new run's are
+    return settings, changes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,9 +650,14 @@ def countdown_data(dataset: str | None, preset: dict, cfg: grpo.GRPOConfig):
     step k always sees the same prompts and --resume continues the same sequence."""
     if dataset:
         data = load_countdown(dataset)
+        if len(data) < 5:
+            raise ValueError(f"dataset {dataset!r} has {len(data)} rows: at least 5 are needed, one in five (at most "
+                             "--eval-size) held out for the evaluation.")
     else:
         prompts_per_step = cfg.generation_batch_size // cfg.num_generations
         size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
+        print(f"generating {size} problems of {'/'.join(map(str, preset['num_numbers']))} numbers up to "
+              f"{preset['max_number']}", flush=True)
         data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"],
                                 balanced=preset.get("balanced", False))
     split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
@@ -533,12 +680,23 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int
     """out/checkpoint: the weights and tokenizer (save_pretrained), and trainer_state.pt with the optimizer,
     the scheduler, the RNG states and the step. Written beside the old one, then swapped in by renames, so that
     a crash at any moment leaves one whole checkpoint (checkpoint, or checkpoint.old during the swap)."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as transformers_logging
+
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a crash
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar inside the run's own
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk shows as any of the three
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the checkpoint of step {step} to {tmp} ({str(error).splitlines()[0][:200]}); "
+                      "the last checkpoint, if any, is kept: free some space, then continue with --resume.") from None
+    finally:
+        transformers_logging.enable_progress_bar()
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -554,7 +712,8 @@ def find_checkpoint(out: Path) -> Path:
         old.rename(path)
         print(f"resuming from {old}, the checkpoint a crash left while the next one was being swapped in")
     if not (path / "trainer_state.pt").exists():
-        raise ValueError(f"--resume: no checkpoint in {path}; run once without --resume first.")
+        raise ValueError(f"--resume: no checkpoint in {path}: the run stopped before its first one (--save-every); "
+                         "start again without --resume (delete the directory or choose another --output-dir).")
     return path
 
 
@@ -564,6 +723,11 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> 
     path = find_checkpoint(out)
     damaged = ("is damaged ({}); each save replaces the previous checkpoint, so there is no older one: start "
                "again without --resume (or with another --output-dir).")
+    has_adapters = (path / "adapter_model.safetensors").exists()
+    if has_adapters != grpo.is_lora(model):
+        raise ValueError(f"{path} holds {'LoRA adapters' if has_adapters else 'a whole model'}, from a run "
+                         f"{'with' if has_adapters else 'without'} --use-peft: resume it "
+                         f"{'with' if has_adapters else 'without'} --use-peft.")
     if grpo.is_lora(model):  # the checkpoint holds the adapters only (peft's save_pretrained)
         load_adapters(path, model, damaged)
     else:
@@ -577,6 +741,25 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, model_name: str) -> 
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return state["step"]
+
+
+def set_learning_rate(optimizer, scheduler, lr: float) -> None:
+    """--resume with a new --learning-rate: the restored optimiser and scheduler hold the old one. The schedule
+    (transformers' LambdaLR: lr = base_lr x factor(step)) keeps its shape and step, from the new base."""
+    if not hasattr(scheduler, "lr_lambdas"):
+        raise ValueError(f"--learning-rate cannot change on --resume with a {type(scheduler).__name__} schedule.")
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+
+
+def trim_samples(path: Path, step: int) -> None:
+    """samples.txt back to the checkpoint's step, as metrics.jsonl: the steps after it run again and are written
+    again. Its groups start with a line "===== step N: ..."."""
+    if not path.exists():
+        return
+    blocks = re.split(r"(?m)^(?====== step \d+:)", path.read_text())
+    path.write_text("".join(b for b in blocks if not b.startswith("===== step") or int(b.split()[2][:-1]) <= step))
 
 
 def load_weights(path: Path, model, model_name: str, damaged: str) -> None:
@@ -642,40 +825,74 @@ NO_SIGNAL_WARNING = (
 )
 
 
-def rewards(preset: dict, args, device) -> tuple[list[str], list, list[float], list]:
+def reward_weights(preset: dict, settings: dict) -> list[float]:
+    """The weight of each reward: the preset's (0 with --reward-model-only), then the reward model's, if any."""
+    weights = [0.0 if settings["reward_model_only"] else w for w in preset["rewards"].values()]
+    return weights + ([settings["reward_model_weight"]] if settings["reward_model"] else [])
+
+
+def rewards(preset: dict, settings: dict, device) -> tuple[list[str], list, list[float], list]:
     """(names, reward functions or models, weights, their tokenizers): the preset's rewards, and the reward model
     of --reward-model (with --reward-model-only, the task's rewards stay, logged, at weight 0)."""
     names = list(preset["rewards"])
     funcs = [REWARD_FUNCS[name] for name in names]
-    weights = [0.0 if args.reward_model_only else preset["rewards"][name] for name in names]
     classes = [None] * len(funcs)
-    if args.reward_model:
+    if settings["reward_model"]:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        path = settings["reward_model"]
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(args.reward_model).to(device)
-            tokenizer = AutoTokenizer.from_pretrained(args.reward_model)
+            model = AutoModelForSequenceClassification.from_pretrained(path).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as error:
-            raise ValueError(f"could not load reward model {args.reward_model!r}: {str(error).splitlines()[0]}") from None
+            raise ValueError(f"could not load reward model {path!r}: {str(error).splitlines()[0]}") from None
         function = grpo.reward_model_function(model, tokenizer)  # checks num_labels == 1
-        names, funcs = names + [function.__name__], funcs + [model]
-        weights, classes = weights + [args.reward_model_weight], classes + [tokenizer]
-    return names, funcs, weights, classes
+        names, funcs, classes = names + [function.__name__], funcs + [model], classes + [tokenizer]
+    return names, funcs, reward_weights(preset, settings), classes
 
 
 def train(args) -> dict:
-    if args.trainer == "trl":
-        return train_with_trl(args)
-    preset, cfg = build_config(args)  # every value checked before anything is loaded
+    """What a run does before anything loads, with either trainer: every value checked, the output directory
+    taken (run.lock), and the run's settings read back (--resume) or written (run.json)."""
+    if args.save_every < 1 or args.sample_every < 1:
+        raise ValueError(f"--save-every and --sample-every must be at least 1 (got {args.save_every}, "
+                         f"{args.sample_every}).")
+    given = given_settings(args)
+    settings = run_settings(given)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    if settings["trainer"] == "grpo" and world_size > 1:
+        raise ValueError(f"this loop (grpo.py) runs in one process, and a launcher started {world_size}: run it with "
+                         "python alone, or add --trainer trl to train on TRL's GRPOTrainer in several processes.")
     out = Path(args.output_dir)
     check_output_dir(out)
+    main_process = os.environ.get("RANK", "0") == "0"  # the others of a multi-process run neither lock nor write
+    with run_lock(out) if main_process else contextlib.nullcontext():
+        changes = {}
+        if args.resume:
+            settings, changes = resumed_settings(out, given)
+            for flag, old, new in changes.values():
+                print(f"--resume: {flag} {new} (the run had {old})")
+        elif main_process and held_run(out):
+            raise ValueError(f"--output-dir {out} holds a run already ({held_run(out)}): continue it with --resume, or "
+                             "choose another --output-dir (or delete this one).")
+        if main_process:
+            write_json(out / "run.json", settings)
+        if settings["trainer"] == "trl":
+            return train_with_trl(args, settings)
+        return train_with_grpo(args, settings, new_learning_rate="learning_rate" in changes)
+
+
+def train_with_grpo(args, settings: dict, new_learning_rate: bool = False) -> dict:
+    """The run on this project's loop, grpo.grpo_step, one step after another."""
+    preset, cfg = build_config(settings)
+    out = Path(args.output_dir)
     device = check_device(args.device)
     if args.resume:
         find_checkpoint(out)
     random.seed(cfg.seed)
 
     prompts_per_step = cfg.generation_batch_size // cfg.num_generations
-    train_data, test_data, order = countdown_data(args.dataset, preset, cfg)
+    train_data, test_data, order = countdown_data(settings["dataset"], preset, cfg)
 
     native_bf16, why = cpu_bf16(device) if cfg.bf16 else (True, "")
     if not native_bf16:
@@ -686,23 +903,23 @@ def train(args) -> dict:
     if cfg.use_peft:
         model = grpo.add_lora(model, cfg)  # trains adapters only; pi_ref is the model with them switched off
     ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
-    reward_names, reward_funcs, weights, reward_classes = rewards(preset, args, device)
+    reward_names, reward_funcs, weights, reward_classes = rewards(preset, settings, device)
     print(f"{preset['model']} on {device}; rewards {dict(zip(reward_names, weights))}; {cfg.max_steps} steps of "
           f"{prompts_per_step} prompts x G={cfg.num_generations}; output in {out}")
 
     start_step, history, evals = 0, [], {}
     if args.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler, preset["model"])
+        if new_learning_rate:
+            set_learning_rate(optimizer, scheduler, cfg.learning_rate)
         history = read_history(out / "metrics.jsonl", start_step)
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        trim_samples(out / "samples.txt", start_step)
         try:
             evals = json.loads((out / "eval.json").read_text())
         except (OSError, json.JSONDecodeError):  # missing or cut short: the accuracy before is measured again
             evals = {}
         print(f"resumed from step {start_step}")
-    else:
-        for name in ("metrics.jsonl", "samples.txt"):
-            (out / name).unlink(missing_ok=True)
 
     if "before" not in evals:
         evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
@@ -786,6 +1003,7 @@ TRL_FIELDS = {  # each GRPOConfig field: TRL's GRPOConfig field of the same mean
     "dynamic_sampling": None,  # must be off
     "dynamic_sampling_rounds": None,  # used only by dynamic_sampling
     "beta": "beta",
+    "use_bias_correction_kl": "use_bias_correction_kl",  # passed explicitly: TRL 1.16 defaults it to True
     "epsilon": "epsilon",
     "epsilon_high": "epsilon_high",
     "loss_type": "loss_type",  # of TRL_LOSS_TYPES
@@ -909,20 +1127,19 @@ def trl_logger(out: Path, history: list[dict], reward_names: list[str], beta: fl
     return CountdownLog()
 
 
-def train_with_trl(args) -> dict:
+def train_with_trl(args, settings: dict) -> dict:
     """The same run on TRL's GRPOTrainer: one process here, or many under `accelerate launch` (README.md)."""
     import trl
     from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
 
-    preset, cfg = build_config(args)  # every value checked before anything is loaded
+    preset, cfg = build_config(settings)
     out = Path(args.output_dir)
-    check_output_dir(out)
     device = check_device(args.device)
     random.seed(cfg.seed)
-    train_data, test_data, order = countdown_data(args.dataset, preset, cfg)
+    train_data, test_data, order = countdown_data(settings["dataset"], preset, cfg)
     state = PartialState(cpu=device == "cpu")
-    reward_names, reward_funcs, weights, reward_classes = rewards(preset, args, state.device)
+    reward_names, reward_funcs, weights, reward_classes = rewards(preset, settings, state.device)
     config = trl_config(cfg, out, weights, state.num_processes, use_cpu=device == "cpu", save_steps=args.save_every,
                         use_vllm=args.use_vllm, vllm_mode=args.vllm_mode)
     print(f"TRL's GRPOTrainer (trl {trl.__version__}) in {state.num_processes} process(es), on {state.device}; without "
@@ -935,7 +1152,8 @@ def train_with_trl(args) -> dict:
     if args.resume:
         resume = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
         if resume is None:
-            raise FileNotFoundError(f"no TRL checkpoint in {out / 'trl'} to resume from; run without --resume.")
+            raise FileNotFoundError(f"no TRL checkpoint in {out / 'trl'} to resume from: the run stopped before its "
+                                    "first one (--save-every); delete it or choose another --output-dir to start again.")
         history = read_history(out / "metrics.jsonl", int(resume.rsplit("-", 1)[1]) // cfg.num_iterations)
         evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
     if state.is_main_process:
@@ -962,8 +1180,12 @@ def main(argv=None):
         train(args)
     except (ValueError, FileNotFoundError) as error:  # a user's mistake: one line, no traceback
         sys.exit(f"error: {error}")
-    except FloatingPointError as error:  # the weights are as the last step left them; the checkpoint is whole
-        sys.exit(f"error: {error} Continue from the last checkpoint with --resume and a lower --learning-rate.")
+    except FloatingPointError as error:  # the last checkpoint, if any, is whole
+        if (Path(args.output_dir) / "checkpoint").exists():
+            sys.exit(f"error: {error} Continue from the last checkpoint with --resume and a lower --learning-rate.")
+        sys.exit(f"error: {error} No checkpoint was written yet: start again (another --output-dir) with other values.")
+    except OSError as error:  # save_checkpoint's full disk, an unreadable file: said in one line
+        sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: the last checkpoint is whole; continue from it with --resume --output-dir {args.output_dir}")
 
