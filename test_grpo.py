@@ -331,11 +331,13 @@ def test_drpo_gradient_weight_is_its_closed_form(pi, mu, A):
 
 
 def test_dppo_and_drpo_defaults_are_published_ones():
-    assert (grpo.GRPOConfig(loss_type="dppo").delta, grpo.GRPOConfig(loss_type="dppo").delta_high) == (0.15, 0.15)
-    assert grpo.GRPOConfig(loss_type="dppo", delta=0.1, delta_high=0.3).delta_high == 0.3
-    assert grpo.GRPOConfig(loss_type="drpo").delta == 12.5
-    with pytest.raises(ValueError, match="delta and delta_high must be > 0"):
-        grpo.GRPOConfig(loss_type="drpo", delta=0)
+    dppo = grpo.GRPOConfig(loss_type="dppo")
+    assert (dppo.trust_region_delta, dppo.trust_region_delta_high) == (0.15, 0.15)
+    assert grpo.GRPOConfig(loss_type="dppo", trust_region_delta=0.1, trust_region_delta_high=0.3
+                           ).trust_region_delta_high == 0.3
+    assert grpo.GRPOConfig(loss_type="drpo").trust_region_delta == 12.5
+    with pytest.raises(ValueError, match="trust_region_delta and trust_region_delta_high must be > 0"):
+        grpo.GRPOConfig(loss_type="drpo", trust_region_delta=0)
 
 
 def test_cispo_config_caps_at_five_and_rejects_a_ppo_epsilon():
@@ -2017,7 +2019,8 @@ def test_trl_config_maps_every_field(tmp_path):
     assert tc.trl_config(ours, tmp_path, [1.0, 0.5], num_processes=2, use_cpu=True).gradient_accumulation_steps == 4
     unmapped = [f.name for f in dataclasses.fields(grpo.GRPOConfig) if tc.TRL_FIELDS.get(f.name, "?") is None]
     assert sorted(unmapped) == sorted(["max_prompt_length", "share_prompt", "dynamic_sampling", "dynamic_sampling_rounds",
-                                       "delta", "delta_high", "use_fused_loss", "use_peft", "lora_r", "lora_alpha"])
+                                       "trust_region_delta", "trust_region_delta_high", "use_fused_loss", "use_peft",
+                                       "lora_r", "lora_alpha"])
 
 
 @pytest.mark.parametrize(

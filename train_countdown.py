@@ -8,7 +8,8 @@ once with + - * / and equals the target: 55 + 36 - 7 - 19. The reward is checkab
     python train_countdown.py --help               # every GRPOConfig field can be overridden: --learning-rate 1e-6
     python train_countdown.py --trainer trl        # the same run on TRL's GRPOTrainer (and so on many GPUs)
 
-Writes to --output-dir: metrics.jsonl, curves.png, samples.txt, eval.json and checkpoint/ (resume with --resume).
+Writes to --output-dir: metrics.jsonl, curves.png, samples.txt, eval.json, run.json (the settings) and checkpoint/
+(continue with --resume). Presets and the game come first in this file, the plumbing last.
 """
 
 from __future__ import annotations
@@ -197,6 +198,26 @@ def check_problems(nums: list, targets: list, name: str) -> None:
             raise ValueError(f"dataset {name!r}, row {row}: target must be an integer, got {reprlib.repr(t)}.")
 
 
+def countdown_data(dataset: str | None, preset: dict, cfg: grpo.GRPOConfig):
+    """(train split, held-out split, the order of training problems). The order is fixed by the seed, so that
+    step k always sees the same prompts and --resume continues the same sequence."""
+    if dataset:
+        data = load_countdown(dataset)
+        if len(data) < 5:
+            raise ValueError(f"dataset {dataset!r} has {len(data)} rows: at least 5 are needed, one in five (at most "
+                             "--eval-size) held out for the evaluation.")
+    else:
+        prompts_per_step = cfg.generation_batch_size // cfg.num_generations
+        size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
+        print(f"generating {size} problems of {'/'.join(map(str, preset['num_numbers']))} numbers up to "
+              f"{preset['max_number']}", flush=True)
+        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"],
+                                balanced=preset.get("balanced", False))
+    split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
+    order = torch.randperm(len(split["train"]), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return split["train"], split["test"], order
+
+
 # ----------------------------------------------------------------------------------------------------
 # The prompt: Mini-R1's messages (word for word, grammar included), and the assistant turn pre-filled so that
 # the model starts thinking.
@@ -341,8 +362,440 @@ def numbers_reward(completions, nums, prompts=None, **kwargs) -> list[float]:
 REWARD_FUNCS = {f.__name__: f for f in (format_reward, equation_reward, numbers_reward)}
 
 
+def reward_weights(preset: dict, settings: dict) -> list[float]:
+    """The weight of each reward: the preset's (0 with --reward-model-only), then the reward model's, if any."""
+    weights = [0.0 if settings["reward_model_only"] else w for w in preset["rewards"].values()]
+    return weights + ([settings["reward_model_weight"]] if settings["reward_model"] else [])
+
+
+def rewards(preset: dict, settings: dict, device) -> tuple[list[str], list, list[float], list]:
+    """(names, reward functions or models, weights, their tokenizers): the preset's rewards, and the reward model
+    of --reward-model (with --reward-model-only, the task's rewards stay, logged, at weight 0)."""
+    names = list(preset["rewards"])
+    funcs = [REWARD_FUNCS[name] for name in names]
+    classes = [None] * len(funcs)
+    if settings["reward_model"]:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = settings["reward_model"]
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as error:
+            raise ValueError(f"could not load reward model {path!r}: {str(error).splitlines()[0]}") from None
+        function = grpo.reward_model_function(model, tokenizer)  # checks num_labels == 1
+        names, funcs, classes = names + [function.__name__], funcs + [model], classes + [tokenizer]
+    return names, funcs, reward_weights(preset, settings), classes
+
+
 # ----------------------------------------------------------------------------------------------------
-# The command line: the preset, then any GRPOConfig field (each with its help text).
+# Evaluation, plots, samples.
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, dataset, style, max_new_tokens, batch_size=16) -> tuple[float, list[str]]:
+    """Fraction of problems whose greedy completion earns equation_reward, and the completions."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [make_prompt(tokenizer, n, t, style) for n, t in zip(dataset["nums"], dataset["target"])]
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=grpo.eos_token_ids(model, tokenizer))
+        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    scores = equation_reward(completions, dataset["target"], dataset["nums"], prompts=prompts)
+    return sum(scores) / max(len(scores), 1), completions
+
+
+def single_operator_baseline(nums: list, targets: list) -> tuple[float, str]:
+    """What a one-operator habit scores: the best accuracy of always +, always -, always * or always /, with the
+    numbers in whichever order works (left to right), and that operator. Example: [3, 4] -> 7 is solved by "+"
+    (3 + 4), [3, 12] -> 4 by "/" (12 / 3)."""
+    def solved(numbers, target, op):
+        for order in itertools.permutations(numbers):
+            value = Fraction(order[0])
+            try:
+                for n in order[1:]:
+                    value = op(value, Fraction(n))
+            except ZeroDivisionError:
+                continue
+            if value == target:
+                return True
+        return False
+
+    scores = {sym: sum(solved(n, t, op) for n, t in zip(nums, targets)) / max(len(nums), 1) for sym, op in OPS.items()}
+    best = max(scores, key=scores.get)
+    return scores[best], best
+
+
+def plot_curves(history: list[dict], path: Path, reward_names: list[str]):
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a notebook's inline backend stays as it is
+
+    steps = [h["step"] for h in history]
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
+    axes[0].plot(steps, [h["reward"] for h in history], label="total reward", linewidth=2)
+    for name in reward_names:
+        axes[0].plot(steps, [h[f"rewards/{name}"] for h in history], label=name, alpha=0.8)
+    axes[0].set(title="reward (mean over the step's completions)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [h["completion_length"] for h in history])
+    axes[1].set(title="completion length (tokens)", xlabel="step")
+    axes[2].plot(steps, [h["kl"] for h in history])
+    axes[2].set(title="KL(pi_theta || pi_ref), k3 estimate", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write_samples(path: Path, step: int, rollouts: dict, reward_names: list[str], G: int, prefill: str):
+    """Append the first group of completions of the step's batch, with each reward and advantage, to samples.txt."""
+    nums, target = rollouts["columns"]["nums"][0], rollouts["columns"]["target"][0]
+    with open(path, "a") as f:
+        f.write(f"===== step {step}: nums {nums}, target {target}\n")
+        for i in range(G):
+            scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(reward_names, rollouts["rewards_per_func"][i]))
+            f.write(f"--- reward {rollouts['rewards'][i]:.2f} ({scores}), advantage {rollouts['advantages'][i]:+.2f}\n")
+            f.write(prefill + rollouts["completions"][i] + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run: either trainer, then this project's loop.
+# ----------------------------------------------------------------------------------------------------
+NO_SIGNAL_STEPS = 3
+NO_SIGNAL_WARNING = (
+    "warning: in each of the first {n} steps, every group's rewards were all equal (frac_reward_zero_std = 1), so "
+    "every advantage was 0 and no step had a signal to learn from. The problems are too hard for this model (all "
+    "rewards 0), too easy (all the same), or cannot be solved: check the dataset, or try easier problems, a larger "
+    "--num-generations, or a graded reward."
+)
+
+
+def train(args) -> dict:
+    """What a run does before anything loads, with either trainer: every value checked, the output directory
+    taken (run.lock), and the run's settings read back (--resume) or written (run.json)."""
+    if args.save_every < 1 or args.sample_every < 1:
+        raise ValueError(f"--save-every and --sample-every must be at least 1 (got {args.save_every}, "
+                         f"{args.sample_every}).")
+    given = given_settings(args)
+    settings = run_settings(given)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    if settings["trainer"] == "grpo" and world_size > 1:
+        raise ValueError(f"this loop (grpo.py) runs in one process, and a launcher started {world_size}: run it with "
+                         "python alone, or add --trainer trl to train on TRL's GRPOTrainer in several processes.")
+    out = Path(args.output_dir)
+    check_output_dir(out)
+    main_process = os.environ.get("RANK", "0") == "0"  # the others of a multi-process run neither lock nor write
+    with run_lock(out) if main_process else contextlib.nullcontext():
+        changes = {}
+        if args.resume:
+            settings, changes = resumed_settings(out, given)
+            for flag, old, new in changes.values():
+                print(f"--resume: {flag} {new} (the run had {old})")
+        elif main_process and held_run(out):
+            raise ValueError(f"--output-dir {out} holds a run already ({held_run(out)}): continue it with --resume, or "
+                             "choose another --output-dir (or delete this one).")
+        if main_process:
+            write_json(out / "run.json", settings)
+        if settings["trainer"] == "trl":
+            return train_with_trl(args, settings)
+        return train_with_grpo(args, settings, new_learning_rate="learning_rate" in changes)
+
+
+def train_with_grpo(args, settings: dict, new_learning_rate: bool = False) -> dict:
+    """The run on this project's loop, grpo.grpo_step, one step after another."""
+    preset, cfg = build_config(settings)
+    out = Path(args.output_dir)
+    device = check_device(args.device)
+    if args.resume:
+        find_checkpoint(out)
+    random.seed(cfg.seed)
+
+    prompts_per_step = cfg.generation_batch_size // cfg.num_generations
+    train_data, test_data, order = countdown_data(settings["dataset"], preset, cfg)
+
+    native_bf16, why = cpu_bf16(device) if cfg.bf16 else (True, "")
+    if not native_bf16:
+        print(f"warning: bf16 on this CPU: {why}, far slower than float32 (--no-bf16)")
+    # A frozen LoRA base may be bfloat16; trained weights stay float32 (a bf16 weight cannot take a small update)
+    dtype = preset.get("dtype") if cfg.use_peft else None
+    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device, dtype=dtype)
+    if cfg.use_peft:
+        model = grpo.add_lora(model, cfg)  # trains adapters only; pi_ref is the model with them switched off
+    ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
+    reward_names, reward_funcs, weights, reward_classes = rewards(preset, settings, device)
+    print(f"{preset['model']} on {device}; rewards {dict(zip(reward_names, weights))}; {cfg.max_steps} steps of "
+          f"{prompts_per_step} prompts x G={cfg.num_generations}; output in {out}")
+
+    start_step, history, evals = 0, [], {}
+    if args.resume:
+        start_step = load_checkpoint(out, model, optimizer, scheduler, preset["model"])
+        if new_learning_rate:
+            set_learning_rate(optimizer, scheduler, cfg.learning_rate)
+        history = read_history(out / "metrics.jsonl", start_step)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        trim_samples(out / "samples.txt", start_step)
+        try:
+            evals = json.loads((out / "eval.json").read_text())
+        except (OSError, json.JSONDecodeError):  # missing or cut short: the accuracy before is measured again
+            evals = {}
+        print(f"resumed from step {start_step}")
+
+    if "before" not in evals:
+        evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
+        print(f"held-out accuracy before training (greedy, {len(test_data)} problems): {evals['before']:.3f}")
+        (out / "eval.json").write_text(json.dumps(evals, indent=1))
+
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="GRPO", dynamic_ncols=True)
+    def prompts_and_columns(index):
+        rows = train_data.select(index)
+        prompts = [make_prompt(tokenizer, n, t, preset["style"]) for n, t in zip(rows["nums"], rows["target"])]
+        return prompts, {"nums": rows["nums"], "target": rows["target"]}
+
+    for step in bar:
+        index = [order[(step * prompts_per_step + i) % len(order)] for i in range(prompts_per_step)]
+        extra = random.Random(f"{cfg.seed}-{step}")  # dynamic sampling's extra prompts: the same ones on --resume
+        prompts, columns = prompts_and_columns(index)
+        metrics, rollouts = grpo.grpo_step(
+            model, ref_model, tokenizer, optimizer, scheduler, prompts, reward_funcs, cfg, columns=columns,
+            reward_weights=weights, next_prompts=lambda: prompts_and_columns(extra.sample(order, prompts_per_step)),
+            reward_processing_classes=reward_classes)
+        metrics["step"] = step + 1
+        history.append(metrics)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", equation=f"{metrics['rewards/equation_reward']:.2f}",
+                        len=f"{metrics['completion_length']:.0f}")
+        if step + 1 == NO_SIGNAL_STEPS and all(h["frac_reward_zero_std"] == 1 for h in history[:NO_SIGNAL_STEPS]):
+            tqdm.write(NO_SIGNAL_WARNING.format(n=NO_SIGNAL_STEPS), file=sys.stderr)
+        plot_curves(history, out / "curves.png", reward_names)
+        if (step + 1) % args.sample_every == 0 or step == start_step:
+            write_samples(out / "samples.txt", step + 1, rollouts, reward_names, cfg.num_generations,
+                          STYLES[preset["style"]][2])
+        if (step + 1) % args.save_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
+
+    return finish_run(model, tokenizer, test_data, preset, cfg, out, evals, history)
+
+
+def finish_run(model, tokenizer, test_data, preset: dict, cfg: grpo.GRPOConfig, out: Path, evals: dict,
+               history: list[dict]) -> dict:
+    """After training (either trainer): the held-out accuracy, the single-operator baseline, the greedy answers
+    (eval_completions.jsonl) and the reward of the first and last fifth of the steps, into eval.json."""
+    evals["after"], completions = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
+    baseline, op = single_operator_baseline(test_data["nums"], test_data["target"])
+    evals["single_operator_baseline"], evals["single_operator"] = baseline, op
+    print(f"held-out accuracy after training (greedy, {len(test_data)} problems): {evals['after']:.3f}; "
+          f"answering every problem with '{op}' alone would score {baseline:.3f}")
+    prefill = STYLES[preset["style"]][2]
+    correct = equation_reward(completions, test_data["target"], test_data["nums"], prompts=[prefill] * len(completions))
+    with open(out / "eval_completions.jsonl", "w") as f:  # the greedy answers behind the "after" accuracy
+        for row, completion, right in zip(test_data, completions, correct):
+            f.write(json.dumps({"nums": row["nums"], "target": row["target"], "completion": prefill + completion,
+                                "correct": bool(right)}) + "\n")
+    fifth = max(1, len(history) // 5)
+    if history:
+        evals["reward_first_fifth"] = sum(h["reward"] for h in history[:fifth]) / fifth
+        evals["reward_last_fifth"] = sum(h["reward"] for h in history[-fifth:]) / fifth
+        print(f"mean total reward: first fifth of the steps {evals['reward_first_fifth']:.3f}, "
+              f"last fifth {evals['reward_last_fifth']:.3f}")
+    (out / "eval.json").write_text(json.dumps(evals, indent=1))
+    return evals
+
+
+# ----------------------------------------------------------------------------------------------------
+# Past one GPU: the same run on TRL's GRPOTrainer (accelerate: many GPUs, DeepSpeed or FSDP; vLLM sampling).
+# The same preset, problems in the same order, prompt text, reward functions and weights; the same files out.
+# ----------------------------------------------------------------------------------------------------
+TRL_FIELDS = {  # each GRPOConfig field: TRL's GRPOConfig field of the same meaning, or None where TRL has none
+    "num_generations": "num_generations",
+    "generation_batch_size": "generation_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",  # and gradient_accumulation_steps, set to match
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_prompt_length": None,  # TRL 1.16 does not cut prompts: trl_dataset cuts their text to the same tokens
+    "max_completion_length": "max_completion_length",
+    "share_prompt": None,  # speed only: TRL encodes the prompt G times, with the same results
+    "cache_implementation": "cache_implementation",
+    "use_transformers_continuous_batching": "use_transformers_continuous_batching",
+    "mask_truncated_completions": "mask_truncated_completions",
+    "dynamic_sampling": None,  # must be off
+    "dynamic_sampling_rounds": None,  # used only by dynamic_sampling
+    "beta": "beta",
+    "use_bias_correction_kl": "use_bias_correction_kl",  # passed explicitly: TRL 1.16 defaults it to True
+    "epsilon": "epsilon",
+    "epsilon_high": "epsilon_high",
+    "loss_type": "loss_type",  # of TRL_LOSS_TYPES
+    "importance_sampling_level": "importance_sampling_level",
+    "trust_region_delta": None,  # DPPO's and DRPO's delta (TRL's `delta` is another bound): no TRL counterpart
+    "trust_region_delta_high": None,
+    "scale_rewards": "scale_rewards",
+    "num_iterations": "num_iterations",
+    "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler_type",
+    "warmup_ratio": "warmup_steps",  # transformers 5: a warmup_steps below 1 is a share of the steps
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "max_steps": "max_steps",  # times num_iterations: TRL counts optimiser steps, mu of them per GRPO step
+    "gradient_checkpointing": "gradient_checkpointing",
+    "bf16": "bf16",
+    "use_fused_loss": None,  # speed only: TRL has its own fused loss (use_liger_kernel), another kernel
+    "use_peft": None,  # TRL takes LoRA as the trainer's peft_config (train_with_trl passes grpo.lora_config)
+    "lora_r": None,
+    "lora_alpha": None,
+    "seed": "seed",
+}
+TRL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
+TRL_SPEED_ONLY = ("share_prompt", "use_fused_loss")
+TRL_METRICS = {  # what TRL logs -> the name metrics.jsonl uses, where it is the same quantity
+    "loss": "loss", "grad_norm": "grad_norm", "learning_rate": "learning_rate", "reward": "reward",
+    "reward_std": "reward_std", "frac_reward_zero_std": "frac_reward_zero_std", "kl": "kl", "entropy": "entropy",
+    "completions/mean_length": "completion_length", "completions/min_length": "completion_length_min",
+    "completions/max_length": "completion_length_max", "completions/clipped_ratio": "truncated_fraction",
+    "clip_ratio/low_mean": "clip_ratio/low_mean", "clip_ratio/high_mean": "clip_ratio/high_mean",
+    "clip_ratio/region_mean": "clip_ratio/region_mean", "step_time": "step_time",
+}
+
+
+def trl_config(cfg: grpo.GRPOConfig, out: Path, reward_weights: list[float], num_processes: int = 1, **trl_options):
+    """TRL's GRPOConfig from this project's, every field mapped as TRL_FIELDS says. A field TRL has no counterpart for
+    is an error that names it, unless it changes only the speed (TRL_SPEED_ONLY). trl_options: TRL's own options
+    (use_cpu, save_steps, use_vllm, vllm_mode...), passed as they are."""
+    import trl
+
+    unmapped = [f.name for f in dataclasses.fields(cfg) if f.name not in TRL_FIELDS]
+    if unmapped:  # a new GRPOConfig field must be given its TRL counterpart, or None, above
+        raise ValueError(f"GRPOConfig fields {unmapped} are not in TRL_FIELDS: map them before running on TRL.")
+    if cfg.loss_type not in TRL_LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r} has no counterpart in TRL's GRPOTrainer (it has "
+                         f"{', '.join(TRL_LOSS_TYPES)}); run it with --trainer grpo.")
+    if cfg.dynamic_sampling:
+        raise ValueError("dynamic_sampling has no counterpart in TRL's GRPOTrainer; run it with --trainer grpo, "
+                         "or leave it off.")
+    per_pass = cfg.micro_batch_size * num_processes  # completions per forward/backward, over all processes
+    if cfg.generation_batch_size % per_pass:
+        raise ValueError(f"with TRL, generation_batch_size ({cfg.generation_batch_size}) must be a multiple of "
+                         f"micro_batch_size x processes ({cfg.micro_batch_size} x {num_processes}).")
+    fields = {theirs: getattr(cfg, ours) for ours, theirs in TRL_FIELDS.items() if theirs is not None}
+    fields["max_steps"] = cfg.max_steps * cfg.num_iterations
+    if cfg.warmup_ratio >= 1:  # transformers reads warmup_steps >= 1 as a number of steps
+        fields["warmup_steps"] = cfg.max_steps * cfg.num_iterations
+    return trl.GRPOConfig(
+        **fields,
+        gradient_accumulation_steps=cfg.generation_batch_size // per_pass,  # one optimiser step per pass over a batch
+        reward_weights=reward_weights,
+        shuffle_dataset=False,  # the dataset is already in this project's order (trl_dataset)
+        optim="adamw_torch",  # torch.optim.AdamW, as grpo.setup
+        output_dir=str(out / "trl"),
+        logging_steps=1,
+        report_to="none",
+        **trl_options,
+    )
+
+
+def trl_dataset(tokenizer, train_data, order: list[int], preset: dict, cfg: grpo.GRPOConfig):
+    """The problems, in the order this project's loop takes them, as a datasets.Dataset with TRL's prompt column:
+    the prompt as plain text (TRL's "standard" format), the very text sample_groups encodes: chat template,
+    pre-filled assistant turn, the same max_prompt_length cut. The reward functions then get from TRL what they get
+    from grpo.py (prompts and completions as strings, completion_ids, the nums and target columns): the one place
+    that could adapt them to TRL has nothing to do."""
+    from datasets import Dataset
+
+    per_step = cfg.generation_batch_size // cfg.num_generations
+    rows = train_data.select([order[i % len(order)] for i in range(cfg.max_steps * per_step)])
+    prompts = [cut_prompt(tokenizer, make_prompt(tokenizer, n, t, preset["style"]), cfg.max_prompt_length)
+               for n, t in zip(rows["nums"], rows["target"])]
+    extra = len(tokenizer(prompts[0])["input_ids"]) - len(tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
+    if extra:  # TRL tokenizes prompts with the tokenizer's special tokens; grpo.py does not add them
+        raise ValueError(f"this tokenizer adds {extra} special token(s) to a prompt's text, which grpo.py does not: "
+                         "TRL would see other tokens. Use a model whose tokenizer adds none (SmolLM2, Qwen2.5).")
+    return Dataset.from_dict({"prompt": prompts, "nums": rows["nums"], "target": rows["target"]})
+
+
+def cut_prompt(tokenizer, text: str, max_tokens: int) -> str:
+    """The text of a prompt's last max_tokens tokens, as sample_groups keeps them (TRL 1.16 cuts no prompt)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    cut = tokenizer.decode(ids[-max_tokens:])
+    if tokenizer(cut, add_special_tokens=False)["input_ids"] != ids[-max_tokens:]:
+        raise ValueError(f"a prompt of {len(ids)} tokens cut to max_prompt_length={max_tokens} does not encode back "
+                         f"to the same tokens; pass --max-prompt-length {len(ids)} or more.")
+    return cut
+
+
+def trl_logger(out: Path, history: list[dict], reward_names: list[str], beta: float):
+    """A transformers callback: each TRL log of a training step becomes a metrics.jsonl line, with this project's
+    names where TRL logs the same quantity (TRL_METRICS), and curves.png is redrawn."""
+    from transformers import TrainerCallback
+
+    class CountdownLog(TrainerCallback):  # a class because transformers' callbacks are
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or "reward" not in (logs or {}):  # a step's log has its rewards
+                return
+            metrics = {ours: logs[theirs] for theirs, ours in TRL_METRICS.items() if theirs in logs}
+            metrics.update({f"rewards/{name}": logs[f"rewards/{name}/mean"] for name in reward_names})
+            if beta == 0:  # TRL logs no KL without a KL term; grpo.py logs 0
+                metrics["kl"] = 0.0
+            metrics["step"] = len(history) + 1
+            history.append(metrics)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            plot_curves(history, out / "curves.png", reward_names)
+
+    return CountdownLog()
+
+
+def train_with_trl(args, settings: dict) -> dict:
+    """The same run on TRL's GRPOTrainer: one process here, or many under `accelerate launch` (README.md)."""
+    import trl
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    preset, cfg = build_config(settings)
+    out = Path(args.output_dir)
+    device = check_device(args.device)
+    random.seed(cfg.seed)
+    train_data, test_data, order = countdown_data(settings["dataset"], preset, cfg)
+    state = PartialState(cpu=device == "cpu")
+    reward_names, reward_funcs, weights, reward_classes = rewards(preset, settings, state.device)
+    config = trl_config(cfg, out, weights, state.num_processes, use_cpu=device == "cpu", save_steps=args.save_every,
+                        use_vllm=args.use_vllm, vllm_mode=args.vllm_mode)
+    print(f"TRL's GRPOTrainer (trl {trl.__version__}) in {state.num_processes} process(es), on {state.device}; without "
+          f"grpo.py's own speed-ups ({', '.join(TRL_SPEED_ONLY)}), which change no result")
+    dtype = preset.get("dtype") if cfg.use_peft else None  # a bfloat16 base only when it is frozen
+    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=state.device, dtype=dtype)
+    dataset = trl_dataset(tokenizer, train_data, order, preset, cfg)
+
+    history, evals, resume = [], {}, None
+    if args.resume:
+        resume = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
+        if resume is None:
+            raise FileNotFoundError(f"no TRL checkpoint in {out / 'trl'} to resume from: the run stopped before its "
+                                    "first one (--save-every); delete it or choose another --output-dir to start again.")
+        history = read_history(out / "metrics.jsonl", int(resume.rsplit("-", 1)[1]) // cfg.num_iterations)
+        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
+    if state.is_main_process:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if "before" not in evals:
+        evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
+        print(f"held-out accuracy before training (greedy, {len(test_data)} problems): {evals['before']:.3f}")
+        if state.is_main_process:
+            (out / "eval.json").write_text(json.dumps(evals, indent=1))
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_funcs, reward_processing_classes=reward_classes,
+                              args=config, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=grpo.lora_config(cfg) if cfg.use_peft else None,
+                              callbacks=[trl_logger(out, history, reward_names, cfg.beta)])
+    trainer.train(resume_from_checkpoint=resume)
+    if not state.is_main_process:
+        return evals
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return finish_run(model, tokenizer, test_data, preset, cfg, out, evals, history)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing. The command line: the preset, then any GRPOConfig field (each with its help text).
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -586,96 +1039,8 @@ def resumed_settings(out: Path, given: dict) -> tuple[dict, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation, plots, samples, checkpoints.
+# Checkpoints: written whole or not at all, read back strictly.
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, dataset, style, max_new_tokens, batch_size=16) -> tuple[float, list[str]]:
-    """Fraction of problems whose greedy completion earns equation_reward, and the completions."""
-    model.eval()
-    device = next(model.parameters()).device
-    prompts = [make_prompt(tokenizer, n, t, style) for n, t in zip(dataset["nums"], dataset["target"])]
-    completions = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=grpo.eos_token_ids(model, tokenizer))
-        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    scores = equation_reward(completions, dataset["target"], dataset["nums"], prompts=prompts)
-    return sum(scores) / max(len(scores), 1), completions
-
-
-def single_operator_baseline(nums: list, targets: list) -> tuple[float, str]:
-    """What a one-operator habit scores: the best accuracy of always +, always -, always * or always /, with the
-    numbers in whichever order works (left to right), and that operator. Example: [3, 4] -> 7 is solved by "+"
-    (3 + 4), [3, 12] -> 4 by "/" (12 / 3)."""
-    def solved(numbers, target, op):
-        for order in itertools.permutations(numbers):
-            value = Fraction(order[0])
-            try:
-                for n in order[1:]:
-                    value = op(value, Fraction(n))
-            except ZeroDivisionError:
-                continue
-            if value == target:
-                return True
-        return False
-
-    scores = {sym: sum(solved(n, t, op) for n, t in zip(nums, targets)) / max(len(nums), 1) for sym, op in OPS.items()}
-    best = max(scores, key=scores.get)
-    return scores[best], best
-
-
-def plot_curves(history: list[dict], path: Path, reward_names: list[str]):
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a notebook's inline backend stays as it is
-
-    steps = [h["step"] for h in history]
-    fig = Figure(figsize=(15, 4))
-    axes = fig.subplots(1, 3)
-    axes[0].plot(steps, [h["reward"] for h in history], label="total reward", linewidth=2)
-    for name in reward_names:
-        axes[0].plot(steps, [h[f"rewards/{name}"] for h in history], label=name, alpha=0.8)
-    axes[0].set(title="reward (mean over the step's completions)", xlabel="step")
-    axes[0].legend()
-    axes[1].plot(steps, [h["completion_length"] for h in history])
-    axes[1].set(title="completion length (tokens)", xlabel="step")
-    axes[2].plot(steps, [h["kl"] for h in history])
-    axes[2].set(title="KL(pi_theta || pi_ref), k3 estimate", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
-def countdown_data(dataset: str | None, preset: dict, cfg: grpo.GRPOConfig):
-    """(train split, held-out split, the order of training problems). The order is fixed by the seed, so that
-    step k always sees the same prompts and --resume continues the same sequence."""
-    if dataset:
-        data = load_countdown(dataset)
-        if len(data) < 5:
-            raise ValueError(f"dataset {dataset!r} has {len(data)} rows: at least 5 are needed, one in five (at most "
-                             "--eval-size) held out for the evaluation.")
-    else:
-        prompts_per_step = cfg.generation_batch_size // cfg.num_generations
-        size = max(5000, cfg.max_steps * prompts_per_step + preset["eval_size"])  # no problem seen twice
-        print(f"generating {size} problems of {'/'.join(map(str, preset['num_numbers']))} numbers up to "
-              f"{preset['max_number']}", flush=True)
-        data = generate_dataset(size, seed=cfg.seed, num_numbers=preset["num_numbers"], max_number=preset["max_number"],
-                                balanced=preset.get("balanced", False))
-    split = data.train_test_split(test_size=min(preset["eval_size"], len(data) // 5), seed=cfg.seed)
-    order = torch.randperm(len(split["train"]), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    return split["train"], split["test"], order
-
-
-def write_samples(path: Path, step: int, rollouts: dict, reward_names: list[str], G: int, prefill: str):
-    """Append the first group of completions of the step's batch, with each reward and advantage, to samples.txt."""
-    nums, target = rollouts["columns"]["nums"][0], rollouts["columns"]["target"][0]
-    with open(path, "a") as f:
-        f.write(f"===== step {step}: nums {nums}, target {target}\n")
-        for i in range(G):
-            scores = ", ".join(f"{n}={v:.2f}" for n, v in zip(reward_names, rollouts["rewards_per_func"][i]))
-            f.write(f"--- reward {rollouts['rewards'][i]:.2f} ({scores}), advantage {rollouts['advantages'][i]:+.2f}\n")
-            f.write(prefill + rollouts["completions"][i] + "\n")
-
-
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int):
     """out/checkpoint: the weights and tokenizer (save_pretrained), and trainer_state.pt with the optimizer,
     the scheduler, the RNG states and the step. Written beside the old one, then swapped in by renames, so that
@@ -811,367 +1176,6 @@ def read_history(path: Path, step: int) -> list[dict]:
         print(f"{path}: dropped {dropped} line(s) after the checkpoint's step {step} or cut short by the crash; "
               f"kept {len(history)}")
     return history
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run.
-# ----------------------------------------------------------------------------------------------------
-NO_SIGNAL_STEPS = 3
-NO_SIGNAL_WARNING = (
-    "warning: in each of the first {n} steps, every group's rewards were all equal (frac_reward_zero_std = 1), so "
-    "every advantage was 0 and no step had a signal to learn from. The problems are too hard for this model (all "
-    "rewards 0), too easy (all the same), or cannot be solved: check the dataset, or try easier problems, a larger "
-    "--num-generations, or a graded reward."
-)
-
-
-def reward_weights(preset: dict, settings: dict) -> list[float]:
-    """The weight of each reward: the preset's (0 with --reward-model-only), then the reward model's, if any."""
-    weights = [0.0 if settings["reward_model_only"] else w for w in preset["rewards"].values()]
-    return weights + ([settings["reward_model_weight"]] if settings["reward_model"] else [])
-
-
-def rewards(preset: dict, settings: dict, device) -> tuple[list[str], list, list[float], list]:
-    """(names, reward functions or models, weights, their tokenizers): the preset's rewards, and the reward model
-    of --reward-model (with --reward-model-only, the task's rewards stay, logged, at weight 0)."""
-    names = list(preset["rewards"])
-    funcs = [REWARD_FUNCS[name] for name in names]
-    classes = [None] * len(funcs)
-    if settings["reward_model"]:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        path = settings["reward_model"]
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path).to(device)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as error:
-            raise ValueError(f"could not load reward model {path!r}: {str(error).splitlines()[0]}") from None
-        function = grpo.reward_model_function(model, tokenizer)  # checks num_labels == 1
-        names, funcs, classes = names + [function.__name__], funcs + [model], classes + [tokenizer]
-    return names, funcs, reward_weights(preset, settings), classes
-
-
-def train(args) -> dict:
-    """What a run does before anything loads, with either trainer: every value checked, the output directory
-    taken (run.lock), and the run's settings read back (--resume) or written (run.json)."""
-    if args.save_every < 1 or args.sample_every < 1:
-        raise ValueError(f"--save-every and --sample-every must be at least 1 (got {args.save_every}, "
-                         f"{args.sample_every}).")
-    given = given_settings(args)
-    settings = run_settings(given)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
-    if settings["trainer"] == "grpo" and world_size > 1:
-        raise ValueError(f"this loop (grpo.py) runs in one process, and a launcher started {world_size}: run it with "
-                         "python alone, or add --trainer trl to train on TRL's GRPOTrainer in several processes.")
-    out = Path(args.output_dir)
-    check_output_dir(out)
-    main_process = os.environ.get("RANK", "0") == "0"  # the others of a multi-process run neither lock nor write
-    with run_lock(out) if main_process else contextlib.nullcontext():
-        changes = {}
-        if args.resume:
-            settings, changes = resumed_settings(out, given)
-            for flag, old, new in changes.values():
-                print(f"--resume: {flag} {new} (the run had {old})")
-        elif main_process and held_run(out):
-            raise ValueError(f"--output-dir {out} holds a run already ({held_run(out)}): continue it with --resume, or "
-                             "choose another --output-dir (or delete this one).")
-        if main_process:
-            write_json(out / "run.json", settings)
-        if settings["trainer"] == "trl":
-            return train_with_trl(args, settings)
-        return train_with_grpo(args, settings, new_learning_rate="learning_rate" in changes)
-
-
-def train_with_grpo(args, settings: dict, new_learning_rate: bool = False) -> dict:
-    """The run on this project's loop, grpo.grpo_step, one step after another."""
-    preset, cfg = build_config(settings)
-    out = Path(args.output_dir)
-    device = check_device(args.device)
-    if args.resume:
-        find_checkpoint(out)
-    random.seed(cfg.seed)
-
-    prompts_per_step = cfg.generation_batch_size // cfg.num_generations
-    train_data, test_data, order = countdown_data(settings["dataset"], preset, cfg)
-
-    native_bf16, why = cpu_bf16(device) if cfg.bf16 else (True, "")
-    if not native_bf16:
-        print(f"warning: bf16 on this CPU: {why}, far slower than float32 (--no-bf16)")
-    # A frozen LoRA base may be bfloat16; trained weights stay float32 (a bf16 weight cannot take a small update)
-    dtype = preset.get("dtype") if cfg.use_peft else None
-    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=device, dtype=dtype)
-    if cfg.use_peft:
-        model = grpo.add_lora(model, cfg)  # trains adapters only; pi_ref is the model with them switched off
-    ref_model, optimizer, scheduler = grpo.setup(model, cfg)  # pi_ref is the model as loaded, before any resume
-    reward_names, reward_funcs, weights, reward_classes = rewards(preset, settings, device)
-    print(f"{preset['model']} on {device}; rewards {dict(zip(reward_names, weights))}; {cfg.max_steps} steps of "
-          f"{prompts_per_step} prompts x G={cfg.num_generations}; output in {out}")
-
-    start_step, history, evals = 0, [], {}
-    if args.resume:
-        start_step = load_checkpoint(out, model, optimizer, scheduler, preset["model"])
-        if new_learning_rate:
-            set_learning_rate(optimizer, scheduler, cfg.learning_rate)
-        history = read_history(out / "metrics.jsonl", start_step)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        trim_samples(out / "samples.txt", start_step)
-        try:
-            evals = json.loads((out / "eval.json").read_text())
-        except (OSError, json.JSONDecodeError):  # missing or cut short: the accuracy before is measured again
-            evals = {}
-        print(f"resumed from step {start_step}")
-
-    if "before" not in evals:
-        evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
-        print(f"held-out accuracy before training (greedy, {len(test_data)} problems): {evals['before']:.3f}")
-        (out / "eval.json").write_text(json.dumps(evals, indent=1))
-
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="GRPO", dynamic_ncols=True)
-    def prompts_and_columns(index):
-        rows = train_data.select(index)
-        prompts = [make_prompt(tokenizer, n, t, preset["style"]) for n, t in zip(rows["nums"], rows["target"])]
-        return prompts, {"nums": rows["nums"], "target": rows["target"]}
-
-    for step in bar:
-        index = [order[(step * prompts_per_step + i) % len(order)] for i in range(prompts_per_step)]
-        extra = random.Random(f"{cfg.seed}-{step}")  # dynamic sampling's extra prompts: the same ones on --resume
-        prompts, columns = prompts_and_columns(index)
-        metrics, rollouts = grpo.grpo_step(
-            model, ref_model, tokenizer, optimizer, scheduler, prompts, reward_funcs, cfg, columns=columns,
-            reward_weights=weights, next_prompts=lambda: prompts_and_columns(extra.sample(order, prompts_per_step)),
-            reward_processing_classes=reward_classes)
-        metrics["step"] = step + 1
-        history.append(metrics)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", equation=f"{metrics['rewards/equation_reward']:.2f}",
-                        len=f"{metrics['completion_length']:.0f}")
-        if step + 1 == NO_SIGNAL_STEPS and all(h["frac_reward_zero_std"] == 1 for h in history[:NO_SIGNAL_STEPS]):
-            tqdm.write(NO_SIGNAL_WARNING.format(n=NO_SIGNAL_STEPS), file=sys.stderr)
-        plot_curves(history, out / "curves.png", reward_names)
-        if (step + 1) % args.sample_every == 0 or step == start_step:
-            write_samples(out / "samples.txt", step + 1, rollouts, reward_names, cfg.num_generations,
-                          STYLES[preset["style"]][2])
-        if (step + 1) % args.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1)
-
-    return finish_run(model, tokenizer, test_data, preset, cfg, out, evals, history)
-
-
-def finish_run(model, tokenizer, test_data, preset: dict, cfg: grpo.GRPOConfig, out: Path, evals: dict,
-               history: list[dict]) -> dict:
-    """After training (either trainer): the held-out accuracy, the single-operator baseline, the greedy answers
-    (eval_completions.jsonl) and the reward of the first and last fifth of the steps, into eval.json."""
-    evals["after"], completions = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
-    baseline, op = single_operator_baseline(test_data["nums"], test_data["target"])
-    evals["single_operator_baseline"], evals["single_operator"] = baseline, op
-    print(f"held-out accuracy after training (greedy, {len(test_data)} problems): {evals['after']:.3f}; "
-          f"answering every problem with '{op}' alone would score {baseline:.3f}")
-    prefill = STYLES[preset["style"]][2]
-    correct = equation_reward(completions, test_data["target"], test_data["nums"], prompts=[prefill] * len(completions))
-    with open(out / "eval_completions.jsonl", "w") as f:  # the greedy answers behind the "after" accuracy
-        for row, completion, right in zip(test_data, completions, correct):
-            f.write(json.dumps({"nums": row["nums"], "target": row["target"], "completion": prefill + completion,
-                                "correct": bool(right)}) + "\n")
-    fifth = max(1, len(history) // 5)
-    if history:
-        evals["reward_first_fifth"] = sum(h["reward"] for h in history[:fifth]) / fifth
-        evals["reward_last_fifth"] = sum(h["reward"] for h in history[-fifth:]) / fifth
-        print(f"mean total reward: first fifth of the steps {evals['reward_first_fifth']:.3f}, "
-              f"last fifth {evals['reward_last_fifth']:.3f}")
-    (out / "eval.json").write_text(json.dumps(evals, indent=1))
-    return evals
-
-
-# ----------------------------------------------------------------------------------------------------
-# Past one GPU: the same run on TRL's GRPOTrainer (accelerate: many GPUs, DeepSpeed or FSDP; vLLM sampling).
-# The same preset, problems in the same order, prompt text, reward functions and weights; the same files out.
-# ----------------------------------------------------------------------------------------------------
-TRL_FIELDS = {  # each GRPOConfig field: TRL's GRPOConfig field of the same meaning, or None where TRL has none
-    "num_generations": "num_generations",
-    "generation_batch_size": "generation_batch_size",
-    "micro_batch_size": "per_device_train_batch_size",  # and gradient_accumulation_steps, set to match
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "max_prompt_length": None,  # TRL 1.16 does not cut prompts: trl_dataset cuts their text to the same tokens
-    "max_completion_length": "max_completion_length",
-    "share_prompt": None,  # speed only: TRL encodes the prompt G times, with the same results
-    "cache_implementation": "cache_implementation",
-    "use_transformers_continuous_batching": "use_transformers_continuous_batching",
-    "mask_truncated_completions": "mask_truncated_completions",
-    "dynamic_sampling": None,  # must be off
-    "dynamic_sampling_rounds": None,  # used only by dynamic_sampling
-    "beta": "beta",
-    "use_bias_correction_kl": "use_bias_correction_kl",  # passed explicitly: TRL 1.16 defaults it to True
-    "epsilon": "epsilon",
-    "epsilon_high": "epsilon_high",
-    "loss_type": "loss_type",  # of TRL_LOSS_TYPES
-    "importance_sampling_level": "importance_sampling_level",
-    "delta": None,  # DPPO's and DRPO's bounds (TRL's `delta` is another one): set only with those loss_types
-    "delta_high": None,
-    "scale_rewards": "scale_rewards",
-    "num_iterations": "num_iterations",
-    "learning_rate": "learning_rate",
-    "lr_scheduler_type": "lr_scheduler_type",
-    "warmup_ratio": "warmup_steps",  # transformers 5: a warmup_steps below 1 is a share of the steps
-    "weight_decay": "weight_decay",
-    "max_grad_norm": "max_grad_norm",
-    "max_steps": "max_steps",  # times num_iterations: TRL counts optimiser steps, mu of them per GRPO step
-    "gradient_checkpointing": "gradient_checkpointing",
-    "bf16": "bf16",
-    "use_fused_loss": None,  # speed only: TRL has its own fused loss (use_liger_kernel), another kernel
-    "use_peft": None,  # TRL takes LoRA as the trainer's peft_config (train_with_trl passes grpo.lora_config)
-    "lora_r": None,
-    "lora_alpha": None,
-    "seed": "seed",
-}
-TRL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
-TRL_SPEED_ONLY = ("share_prompt", "use_fused_loss")
-TRL_METRICS = {  # what TRL logs -> the name metrics.jsonl uses, where it is the same quantity
-    "loss": "loss", "grad_norm": "grad_norm", "learning_rate": "learning_rate", "reward": "reward",
-    "reward_std": "reward_std", "frac_reward_zero_std": "frac_reward_zero_std", "kl": "kl", "entropy": "entropy",
-    "completions/mean_length": "completion_length", "completions/min_length": "completion_length_min",
-    "completions/max_length": "completion_length_max", "completions/clipped_ratio": "truncated_fraction",
-    "clip_ratio/low_mean": "clip_ratio/low_mean", "clip_ratio/high_mean": "clip_ratio/high_mean",
-    "clip_ratio/region_mean": "clip_ratio/region_mean", "step_time": "step_time",
-}
-
-
-def trl_config(cfg: grpo.GRPOConfig, out: Path, reward_weights: list[float], num_processes: int = 1, **trl_options):
-    """TRL's GRPOConfig from this project's, every field mapped as TRL_FIELDS says. A field TRL has no counterpart for
-    is an error that names it, unless it changes only the speed (TRL_SPEED_ONLY). trl_options: TRL's own options
-    (use_cpu, save_steps, use_vllm, vllm_mode...), passed as they are."""
-    import trl
-
-    unmapped = [f.name for f in dataclasses.fields(cfg) if f.name not in TRL_FIELDS]
-    if unmapped:  # a new GRPOConfig field must be given its TRL counterpart, or None, above
-        raise ValueError(f"GRPOConfig fields {unmapped} are not in TRL_FIELDS: map them before running on TRL.")
-    if cfg.loss_type not in TRL_LOSS_TYPES:
-        raise ValueError(f"loss_type={cfg.loss_type!r} has no counterpart in TRL's GRPOTrainer (it has "
-                         f"{', '.join(TRL_LOSS_TYPES)}); run it with --trainer grpo.")
-    if cfg.dynamic_sampling:
-        raise ValueError("dynamic_sampling has no counterpart in TRL's GRPOTrainer; run it with --trainer grpo, "
-                         "or leave it off.")
-    per_pass = cfg.micro_batch_size * num_processes  # completions per forward/backward, over all processes
-    if cfg.generation_batch_size % per_pass:
-        raise ValueError(f"with TRL, generation_batch_size ({cfg.generation_batch_size}) must be a multiple of "
-                         f"micro_batch_size x processes ({cfg.micro_batch_size} x {num_processes}).")
-    fields = {theirs: getattr(cfg, ours) for ours, theirs in TRL_FIELDS.items() if theirs is not None}
-    fields["max_steps"] = cfg.max_steps * cfg.num_iterations
-    if cfg.warmup_ratio >= 1:  # transformers reads warmup_steps >= 1 as a number of steps
-        fields["warmup_steps"] = cfg.max_steps * cfg.num_iterations
-    return trl.GRPOConfig(
-        **fields,
-        gradient_accumulation_steps=cfg.generation_batch_size // per_pass,  # one optimiser step per pass over a batch
-        reward_weights=reward_weights,
-        shuffle_dataset=False,  # the dataset is already in this project's order (trl_dataset)
-        optim="adamw_torch",  # torch.optim.AdamW, as grpo.setup
-        output_dir=str(out / "trl"),
-        logging_steps=1,
-        report_to="none",
-        **trl_options,
-    )
-
-
-def trl_dataset(tokenizer, train_data, order: list[int], preset: dict, cfg: grpo.GRPOConfig):
-    """The problems, in the order this project's loop takes them, as a datasets.Dataset with TRL's prompt column:
-    the prompt as plain text (TRL's "standard" format), the very text sample_groups encodes: chat template,
-    pre-filled assistant turn, the same max_prompt_length cut. The reward functions then get from TRL what they get
-    from grpo.py (prompts and completions as strings, completion_ids, the nums and target columns): the one place
-    that could adapt them to TRL has nothing to do."""
-    from datasets import Dataset
-
-    per_step = cfg.generation_batch_size // cfg.num_generations
-    rows = train_data.select([order[i % len(order)] for i in range(cfg.max_steps * per_step)])
-    prompts = [cut_prompt(tokenizer, make_prompt(tokenizer, n, t, preset["style"]), cfg.max_prompt_length)
-               for n, t in zip(rows["nums"], rows["target"])]
-    extra = len(tokenizer(prompts[0])["input_ids"]) - len(tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
-    if extra:  # TRL tokenizes prompts with the tokenizer's special tokens; grpo.py does not add them
-        raise ValueError(f"this tokenizer adds {extra} special token(s) to a prompt's text, which grpo.py does not: "
-                         "TRL would see other tokens. Use a model whose tokenizer adds none (SmolLM2, Qwen2.5).")
-    return Dataset.from_dict({"prompt": prompts, "nums": rows["nums"], "target": rows["target"]})
-
-
-def cut_prompt(tokenizer, text: str, max_tokens: int) -> str:
-    """The text of a prompt's last max_tokens tokens, as sample_groups keeps them (TRL 1.16 cuts no prompt)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return text
-    cut = tokenizer.decode(ids[-max_tokens:])
-    if tokenizer(cut, add_special_tokens=False)["input_ids"] != ids[-max_tokens:]:
-        raise ValueError(f"a prompt of {len(ids)} tokens cut to max_prompt_length={max_tokens} does not encode back "
-                         f"to the same tokens; pass --max-prompt-length {len(ids)} or more.")
-    return cut
-
-
-def trl_logger(out: Path, history: list[dict], reward_names: list[str], beta: float):
-    """A transformers callback: each TRL log of a training step becomes a metrics.jsonl line, with this project's
-    names where TRL logs the same quantity (TRL_METRICS), and curves.png is redrawn."""
-    from transformers import TrainerCallback
-
-    class CountdownLog(TrainerCallback):  # a class because transformers' callbacks are
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or "reward" not in (logs or {}):  # a step's log has its rewards
-                return
-            metrics = {ours: logs[theirs] for theirs, ours in TRL_METRICS.items() if theirs in logs}
-            metrics.update({f"rewards/{name}": logs[f"rewards/{name}/mean"] for name in reward_names})
-            if beta == 0:  # TRL logs no KL without a KL term; grpo.py logs 0
-                metrics["kl"] = 0.0
-            metrics["step"] = len(history) + 1
-            history.append(metrics)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            plot_curves(history, out / "curves.png", reward_names)
-
-    return CountdownLog()
-
-
-def train_with_trl(args, settings: dict) -> dict:
-    """The same run on TRL's GRPOTrainer: one process here, or many under `accelerate launch` (README.md)."""
-    import trl
-    from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
-
-    preset, cfg = build_config(settings)
-    out = Path(args.output_dir)
-    device = check_device(args.device)
-    random.seed(cfg.seed)
-    train_data, test_data, order = countdown_data(settings["dataset"], preset, cfg)
-    state = PartialState(cpu=device == "cpu")
-    reward_names, reward_funcs, weights, reward_classes = rewards(preset, settings, state.device)
-    config = trl_config(cfg, out, weights, state.num_processes, use_cpu=device == "cpu", save_steps=args.save_every,
-                        use_vllm=args.use_vllm, vllm_mode=args.vllm_mode)
-    print(f"TRL's GRPOTrainer (trl {trl.__version__}) in {state.num_processes} process(es), on {state.device}; without "
-          f"grpo.py's own speed-ups ({', '.join(TRL_SPEED_ONLY)}), which change no result")
-    dtype = preset.get("dtype") if cfg.use_peft else None  # a bfloat16 base only when it is frozen
-    model, tokenizer = grpo.load_model_and_tokenizer(preset["model"], device=state.device, dtype=dtype)
-    dataset = trl_dataset(tokenizer, train_data, order, preset, cfg)
-
-    history, evals, resume = [], {}, None
-    if args.resume:
-        resume = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
-        if resume is None:
-            raise FileNotFoundError(f"no TRL checkpoint in {out / 'trl'} to resume from: the run stopped before its "
-                                    "first one (--save-every); delete it or choose another --output-dir to start again.")
-        history = read_history(out / "metrics.jsonl", int(resume.rsplit("-", 1)[1]) // cfg.num_iterations)
-        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
-    if state.is_main_process:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    if "before" not in evals:
-        evals["before"], _ = greedy_accuracy(model, tokenizer, test_data, preset["style"], cfg.max_completion_length)
-        print(f"held-out accuracy before training (greedy, {len(test_data)} problems): {evals['before']:.3f}")
-        if state.is_main_process:
-            (out / "eval.json").write_text(json.dumps(evals, indent=1))
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_funcs, reward_processing_classes=reward_classes,
-                              args=config, train_dataset=dataset, processing_class=tokenizer,
-                              peft_config=grpo.lora_config(cfg) if cfg.use_peft else None,
-                              callbacks=[trl_logger(out, history, reward_names, cfg.beta)])
-    trainer.train(resume_from_checkpoint=resume)
-    if not state.is_main_process:
-        return evals
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return finish_run(model, tokenizer, test_data, preset, cfg, out, evals, history)
 
 
 def main(argv=None):
